@@ -1,0 +1,114 @@
+"""Errors users see: one paragraph, a first line in CONTRACT.md's format, an exit code.
+
+Spec and data errors render as
+    error: <file>:<line>: <key path>: expected <what>, got <what>
+followed by an optional hint on the next lines. Anything that reaches the CLI as an
+AutodiffError is printed without a traceback (unless --debug).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+# Exit codes fixed by CONTRACT.md.
+EXIT_OK = 0
+EXIT_BELOW_THRESHOLD = 1
+EXIT_USAGE = 2
+EXIT_MODEL_ERRORS = 3
+EXIT_BUDGET = 4
+EXIT_INTERRUPTED = 130
+
+
+def describe(value: Any, limit: int = 60) -> str:
+    """A short, readable rendering of a bad value for an error message."""
+    if value is None:
+        return "nothing"
+    text = repr(value) if not isinstance(value, str) else repr(value)
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(value).__name__} {text}" if not isinstance(value, (str, int, float, bool)) else text
+
+
+class AutodiffError(Exception):
+    """Base of every error the CLI reports cleanly."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        file: str | Path | None = None,
+        line: int | None = None,
+        key: str | None = None,
+        expected: str | None = None,
+        got: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.message = message
+        self.file = str(file) if file is not None else None
+        self.line = line
+        self.key = key
+        self.expected = expected
+        self.got = got
+        self.hint = hint
+        super().__init__(self.render())
+
+    def location(self) -> str:
+        parts = []
+        if self.file:
+            parts.append(self.file if self.line is None else f"{self.file}:{self.line}")
+        if self.key:
+            parts.append(self.key)
+        return ": ".join(parts)
+
+    def headline(self) -> str:
+        where = self.location()
+        if self.expected is not None:
+            what = f"expected {self.expected}, got {self.got if self.got is not None else 'nothing'}"
+            if self.message:
+                what = f"{what} ({self.message})"
+        else:
+            what = self.message
+        return f"{where}: {what}" if where else what
+
+    def render(self) -> str:
+        text = f"error: {self.headline()}"
+        if self.hint:
+            text += "\n" + self.hint
+        return text
+
+    def __str__(self) -> str:  # pragma: no cover - trivial
+        return self.render()
+
+
+class SpecError(AutodiffError):
+    """The YAML spec (or a --set override) is wrong."""
+
+
+class NotImplementedYet(SpecError):
+    """A spec key that is part of the format but whose behaviour is not built yet."""
+
+
+class DataError(AutodiffError):
+    """A dataset file or row is wrong or missing."""
+
+
+class ModelNotFound(AutodiffError):
+    """A local model file or alias cannot be found."""
+
+
+class UsageError(AutodiffError):
+    """A bad command-line option or argument."""
+
+
+class ModelCallError(AutodiffError):
+    """A model call failed after all retries. Counted per example, never scored as wrong."""
+
+    exit_code = EXIT_MODEL_ERRORS
+
+
+class ErrorRateExceeded(AutodiffError):
+    """Too many examples failed with model-call errors."""
+
+    exit_code = EXIT_MODEL_ERRORS
