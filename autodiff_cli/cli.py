@@ -1,0 +1,161 @@
+"""The `autodiff` command line. Thin: parse options, call one function, map errors to exit codes.
+
+Heavy modules (litellm, llama.cpp, networkx, jinja2) are imported inside the commands so
+that `autodiff --help` answers at once.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import EXIT_INTERRUPTED, AutodiffError
+
+app = typer.Typer(
+    name="autodiff",
+    help="Optimize the prompts of whole LLM pipelines declared in YAML (LLM-AutoDiff).",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+data_app = typer.Typer(help="Public datasets: fetch and convert.", no_args_is_help=True)
+cache_app = typer.Typer(help="The model-call cache ($AUTODIFF_CACHE).", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(cache_app, name="cache")
+
+_state = {"debug": False}
+
+SetOption = typer.Option(None, "--set", metavar="KEY=VALUE",
+                         help="Override a spec key; VALUE is parsed as YAML. Repeatable, e.g. --set models.task.model=local/qwen2.5-coder-1.5b")
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.")) -> None:
+    _state["debug"] = debug
+
+
+def _fail(err: AutodiffError) -> None:
+    print(err.render(), file=sys.stderr)
+    raise typer.Exit(err.exit_code)
+
+
+def run_guarded(fn, *args, **kwargs):
+    """Run a command body: AutodiffError -> one paragraph and its exit code; Ctrl-C -> 130."""
+    try:
+        return fn(*args, **kwargs)
+    except AutodiffError as err:
+        if _state["debug"]:
+            raise
+        _fail(err)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise typer.Exit(EXIT_INTERRUPTED)
+
+
+# ---------------------------------------------------------------- validate / graph
+
+
+@app.command()
+def validate(config: Path = typer.Argument(..., help="The pipeline spec (YAML)."),
+             set_: Optional[List[str]] = SetOption) -> None:
+    """Check a spec statically: schema, references, graph, functions, data files. No model is called.
+
+    Example: autodiff validate configs/quickstart.yaml
+    """
+    from .commands import validate_command
+
+    run_guarded(validate_command, config, set_ or [])
+
+
+@app.command()
+def graph(config: Path = typer.Argument(..., help="The pipeline spec (YAML)."),
+          format: str = typer.Option("mermaid", "--format", help="mermaid or dot."),
+          png: Optional[Path] = typer.Option(None, "--png", help="Also render a PNG with Graphviz `dot`."),
+          set_: Optional[List[str]] = SetOption) -> None:
+    """Print the pipeline as a Mermaid or DOT diagram.
+
+    Example: autodiff graph configs/object_count.yaml --format dot
+    """
+    from .commands import graph_command
+
+    run_guarded(graph_command, config, format, png, set_ or [])
+
+
+# ---------------------------------------------------------------- eval
+
+
+@app.command("eval")
+def eval_(config: Path = typer.Argument(..., help="The pipeline spec (YAML)."),
+          prompts: Optional[Path] = typer.Option(None, "--prompts", help="Param values: a run's prompts.yaml or an export-prompts yaml/json."),
+          run: Optional[Path] = typer.Option(None, "--run", help="A run directory: use its best prompts."),
+          split: str = typer.Option("val", "--split", help="train, val or test."),
+          limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Score only the first N examples."),
+          concurrency: Optional[int] = typer.Option(None, "--concurrency", min=1, help="Calls in flight per model config (overrides the spec)."),
+          fail_under: Optional[float] = typer.Option(None, "--fail-under", min=0.0, max=1.0, help="Exit 1 if the score is below this fraction."),
+          json_out: bool = typer.Option(False, "--json", help="Print one JSON object (split, n, completed, errors, score, usage)."),
+          out: Optional[Path] = typer.Option(None, "--out", help="Write one JSONL row per example (id, prediction, target, score, error)."),
+          no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the call cache."),
+          set_: Optional[List[str]] = SetOption) -> None:
+    """Score a pipeline on a split.
+
+    Examples:
+      autodiff eval configs/quickstart.yaml
+      autodiff eval configs/object_count.yaml --split test --run runs/object_count-20261124-101500 --fail-under 0.6
+    """
+    from .commands import eval_command
+
+    run_guarded(eval_command, config, prompts=prompts, run=run, split=split, limit=limit, concurrency=concurrency,
+                fail_under=fail_under, json_out=json_out, out=out, no_cache=no_cache, overrides=set_ or [])
+
+
+# ---------------------------------------------------------------- data / cache / schema
+
+
+@data_app.command("fetch")
+def data_fetch(name: str = typer.Argument(..., help="object_counting, trec, hotpotqa or gsm8k."),
+               from_dir: Optional[Path] = typer.Option(None, "--from", help="Copy from a local folder (offline) instead of downloading."),
+               dest: Optional[Path] = typer.Option(None, "--dest", help="Target folder (default $AUTODIFF_DATA or datasets/).")) -> None:
+    """Fetch a public dataset into <dest>/<name>/{train,val,test}.jsonl.
+
+    Example: autodiff data fetch object_counting --from ../shared/datasets
+    """
+    from .commands import fetch_command
+
+    run_guarded(fetch_command, name, from_dir, dest)
+
+
+@cache_app.command("stats")
+def cache_stats() -> None:
+    """Where the cache is, how many replies it holds and its size."""
+    from .commands import cache_stats_command
+
+    run_guarded(cache_stats_command)
+
+
+@cache_app.command("clear")
+def cache_clear() -> None:
+    """Delete every cached reply."""
+    from .commands import cache_clear_command
+
+    run_guarded(cache_clear_command)
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of the config format (for editor completion and validation)."""
+    import json
+
+    from .spec.models import Spec
+
+    print(json.dumps(Spec.model_json_schema(by_alias=True), indent=2))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,183 @@
+"""What each CLI command does, apart from option parsing (cli.py) so it can be called from tests."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import typer
+
+from .console import log, progress, stderr_is_tty
+from .errors import EXIT_BELOW_THRESHOLD, EXIT_MODEL_ERRORS, DataError, UsageError
+
+
+@dataclass
+class Pipeline:
+    """A spec loaded, compiled and ready to run."""
+
+    loaded: object
+    program: object
+
+    @property
+    def spec(self):
+        return self.loaded.spec
+
+
+def load_pipeline(config: Path, overrides: list[str]) -> Pipeline:
+    from .compiler import compile_spec
+    from .spec.loader import load_spec
+
+    loaded = load_spec(config, overrides)
+    return Pipeline(loaded, compile_spec(loaded))
+
+
+def make_client(pipeline: Pipeline, *, concurrency: int | None, no_cache: bool):
+    from .llm.cache import CallCache
+    from .llm.client import ModelClient
+    from .llm.usage import Usage
+
+    return ModelClient(pipeline.spec.models, config_dir=pipeline.loaded.config_dir, usage=Usage(),
+                       cache=None if no_cache else CallCache(), concurrency=concurrency)
+
+
+def task_models(pipeline: Pipeline) -> list[str]:
+    return sorted({n.model for n in pipeline.program.all_nodes() if n.kind == "llm"})
+
+
+# ---------------------------------------------------------------- validate / graph
+
+
+def validate_command(config: Path, overrides: list[str]) -> None:
+    from .data.splits import load_split, split_names
+
+    p = load_pipeline(config, overrides)
+    sizes = []
+    for split in split_names(p.loaded):
+        sizes.append(f"{split} {len(load_split(p.loaded, split, p.program.input_fields))}")
+    client = make_client(p, concurrency=None, no_cache=True)
+    for model in task_models(p):
+        client.check(model)
+    nodes = p.program.all_nodes()
+    trainable = [n for n, s in p.spec.params.items() if s.trainable]
+    print(f"ok: {config}: {len(nodes)} nodes, {len(p.spec.params)} params ({len(trainable)} trainable), "
+          f"data {', '.join(sizes)}")
+
+
+def graph_command(config: Path, fmt: str, png: Path | None, overrides: list[str]) -> None:
+    from .render_graph import to_dot, to_mermaid
+
+    if fmt not in ("mermaid", "dot"):
+        raise UsageError(key="--format", expected="mermaid or dot", got=repr(fmt))
+    p = load_pipeline(config, overrides)
+    print(to_mermaid(p.program) if fmt == "mermaid" else to_dot(p.program), end="")
+    if png is not None:
+        if shutil.which("dot") is None:
+            raise UsageError(key="--png", expected="Graphviz `dot` on PATH (e.g. apt-get install graphviz)", got="no `dot`")
+        subprocess.run(["dot", "-Tpng", "-o", str(png)], input=to_dot(p.program).encode(), check=True)
+        log(f"wrote {png}")
+
+
+# ---------------------------------------------------------------- eval
+
+
+def eval_command(config: Path, *, prompts: Path | None, run: Path | None, split: str, limit: int | None,
+                 concurrency: int | None, fail_under: float | None, json_out: bool, out: Path | None,
+                 no_cache: bool, overrides: list[str]) -> None:
+    from .data.splits import SPLITS, load_split
+    from .evaluate import evaluate
+    from .prompts_io import values_for
+
+    if split not in SPLITS:
+        raise UsageError(key="--split", expected="train, val or test", got=repr(split))
+    p = load_pipeline(config, overrides)
+    values = values_for(p.spec, prompts, run)
+    examples = load_split(p.loaded, split, p.program.input_fields)
+    if limit is not None:
+        examples = examples[:limit]
+    client = make_client(p, concurrency=concurrency, no_cache=no_cache)
+    for model in task_models(p):
+        client.check(model)
+    show_progress = not json_out
+    with progress(f"eval {p.spec.name} [{split}]", len(examples), enabled=show_progress) as update:
+        report = asyncio.run(evaluate(p.program, examples, values, client, progress=update))
+    usage = client.usage.to_dict()
+    result = {"name": p.spec.name, "split": split, "n": report.n, "completed": report.completed,
+              "errors": report.errors, "score": report.score, "usage": usage,
+              "wall_seconds": round(report.wall_seconds, 3)}
+    if out is not None:
+        _write_rows(out, [r.row() for r in report.results])
+    if json_out:
+        print(json.dumps(result, ensure_ascii=False))
+    else:
+        _print_eval_table(result, report)
+    max_rate = p.spec.train.max_error_rate
+    if report.errors and (report.error_rate > max_rate or report.score is None):
+        print(f"error: {report.errors} of {report.n} examples failed with model-call errors "
+              f"({report.error_rate:.0%} > max_error_rate {max_rate:.0%}); first: {report.first_error()}",
+              file=sys.stderr)
+        raise typer.Exit(EXIT_MODEL_ERRORS)
+    if fail_under is not None and (report.score is None or report.score < fail_under):
+        print(f"score {report.score:.4f} is below --fail-under {fail_under}", file=sys.stderr)
+        raise typer.Exit(EXIT_BELOW_THRESHOLD)
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _print_eval_table(result: dict, report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(no_color=not sys.stdout.isatty(), highlight=False, soft_wrap=True)
+    score = "-" if result["score"] is None else f"{result['score']:.4f}"
+    console.print(f"{result['name']} [{result['split']}]: score {score} on {result['completed']}/{result['n']} examples"
+                  f" ({result['errors']} errors) in {result['wall_seconds']:.1f}s")
+    table = Table(title=None, show_edge=False)
+    for col in ("role", "calls", "cached", "errors", "prompt tok", "completion tok", "cost $"):
+        table.add_column(col, justify="right" if col != "role" else "left")
+    for role, u in result["usage"].items():
+        if u["calls"] or u["cached_calls"] or u["errors"]:
+            table.add_row(role, str(u["calls"]), str(u["cached_calls"]), str(u["errors"]), str(u["prompt_tokens"]),
+                          str(u["completion_tokens"]), f"{u['cost_usd']:.4f}")
+    console.print(table)
+
+
+# ---------------------------------------------------------------- data / cache
+
+
+def fetch_command(name: str, from_dir: Path | None, dest: Path | None) -> None:
+    from .compiler import data_root
+    from .data.fetch import DATASETS, fetch
+
+    if name not in DATASETS:
+        raise DataError(key="NAME", expected="one of " + ", ".join(DATASETS), got=repr(name))
+    written = fetch(name, dest=dest or data_root(), from_dir=from_dir)
+    for split, path in written.items():
+        print(f"{split}: {path}")
+
+
+def cache_stats_command() -> None:
+    from .llm.cache import CallCache
+
+    stats = CallCache().stats()
+    print(f"directory: {stats['directory']}\nentries: {stats['entries']}\nsize: {stats['size_bytes'] / 1e6:.1f} MB")
+
+
+def cache_clear_command() -> None:
+    from .llm.cache import CallCache
+
+    print(f"removed {CallCache().clear()} cached replies")
+
+
+__all__ = ["stderr_is_tty"]

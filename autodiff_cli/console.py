@@ -1,0 +1,57 @@
+"""Progress and result output: rich on a terminal, plain timestamped lines otherwise.
+
+Results go to stdout; progress and logs go to stderr (CONTRACT.md).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Iterator
+
+
+def stderr_is_tty() -> bool:
+    return sys.stderr.isatty()
+
+
+def log(message: str) -> None:
+    stamp = datetime.now(timezone.utc).strftime("%H:%M:%S")
+    print(f"[{stamp}] {message}", file=sys.stderr, flush=True)
+
+
+def _fmt_score(score: float | None) -> str:
+    return "-" if score is None else f"{score:.3f}"
+
+
+@contextmanager
+def progress(label: str, total: int, enabled: bool = True) -> Iterator:
+    """Yields update(done, total, errors, score). A bar on a TTY, a line every ~10% otherwise."""
+    if not enabled:
+        yield lambda *a: None
+        return
+    if stderr_is_tty():
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("score {task.fields[score]} errors {task.fields[errors]}"),
+                       TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+        with bar:
+            task = bar.add_task(label, total=total, score="-", errors=0)
+
+            def update(done: int, total_: int, errors: int, score: float | None) -> None:
+                bar.update(task, completed=done, score=_fmt_score(score), errors=errors)
+
+            yield update
+        return
+    last = {"t": time.monotonic(), "step": 0}
+    log(f"{label}: {total} examples")
+
+    def update_plain(done: int, total_: int, errors: int, score: float | None) -> None:
+        step = done * 10 // max(total_, 1)
+        if done == total_ or step > last["step"] or time.monotonic() - last["t"] > 30:
+            last.update(t=time.monotonic(), step=step)
+            log(f"{label}: {done}/{total_} done, score {_fmt_score(score)}, errors {errors}")
+
+    yield update_plain

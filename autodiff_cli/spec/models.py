@@ -1,0 +1,212 @@
+"""The whole YAML format as pydantic models.
+
+Every key of CONTRACT.md is here, including keys whose behaviour later work builds; those
+are accepted by the schema and refused by `unbuilt_keys()` with a clear "not implemented
+yet" error, so adding the behaviour never changes the format.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+# The roles under which model usage is accounted (summary.json lists all four).
+ROLES = ("task", "backward", "optimizer", "teacher")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ModelConfig(Strict):
+    """One named model configuration (`models.<name>`)."""
+
+    model: str = Field(description="litellm model string, e.g. openai/gpt-4o-mini, local/smollm2-135m, fake/script.yaml")
+    temperature: float | None = Field(None, ge=0, le=2)
+    max_tokens: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    stop: list[str] | None = None
+    extra: dict[str, Any] = Field(default_factory=dict, description="further generation parameters passed to litellm as given")
+    api_base: str | list[str] | None = Field(None, description="endpoint URL; a list means several deployments behind litellm's Router")
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="NAME of the environment variable holding the API key")
+    concurrency: int = Field(8, ge=1, le=1024)
+    rpm: int | None = Field(None, ge=1, description="requests per minute limit")
+    tpm: int | None = Field(None, ge=1, description="tokens per minute limit")
+    timeout: float = Field(600.0, gt=0, description="seconds per call attempt")
+    max_retries: int = Field(3, ge=0, le=20, description="retries after a failed attempt (our own loop; litellm's are off)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_literal_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in ("api_key", "key", "token", "secret"):
+                if key in data:
+                    raise ValueError(
+                        f"a literal API key (`{key}`) is refused: put the key in an environment variable "
+                        "and name that variable in `api_key_env`"
+                    )
+        return data
+
+    def generation_params(self) -> dict[str, Any]:
+        """Parameters that change the reply (and so belong in the cache key)."""
+        params = {k: getattr(self, k) for k in ("temperature", "max_tokens", "top_p", "seed", "stop")}
+        params.update(self.extra)
+        return {k: v for k, v in params.items() if v is not None}
+
+
+class SplitSpec(Strict):
+    """A data split: a file plus an optional slice, seeded sample and stratification."""
+
+    path: str
+    start: int | None = None
+    stop: int | None = None
+    sample: int | None = Field(None, ge=1)
+    stratify: str | None = None
+    seed: int = 0
+
+
+class GeneratorSpec(Strict):
+    name: str
+    seed: int = 0
+    train: int = Field(20, ge=0)
+    val: int = Field(20, ge=0)
+    test: int = Field(20, ge=0)
+
+
+class DataSpec(Strict):
+    train: str | SplitSpec | None = None
+    val: str | SplitSpec | None = None
+    test: str | SplitSpec | None = None
+    generator: GeneratorSpec | None = None
+    id_field: str = "id"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataSpec":
+        if self.generator is None and self.val is None and self.train is None:
+            raise ValueError("give split files (`train`, `val`, optional `test`) or a `generator`")
+        if self.generator is not None and any(s is not None for s in (self.train, self.val, self.test)):
+            raise ValueError("use either split files or a `generator`, not both")
+        return self
+
+
+class ParamSpec(Strict):
+    kind: Literal["prompt", "demos"] = "prompt"
+    value: str = ""
+    role: str | None = Field(None, description="what this text is for, shown to the backward engine and optimizer")
+    trainable: bool = True
+    max: int | None = Field(None, ge=0, description="demos: how many shots at most")
+    fields: list[str] | None = Field(None, description="demos: which example fields to show")
+
+
+class LLMNode(Strict):
+    kind: Literal["llm"]
+    model: str = Field("task", description="a key of `models`")
+    system: str | None = Field(None, description="Jinja template of the system message")
+    user: str = Field(description="Jinja template of the user message")
+    params: list[str] | None = Field(None, description="params this node uses; inferred from the templates when absent")
+    json_schema: dict[str, Any] | None = Field(None, description="ask for JSON output that follows this schema")
+    description: str | None = None
+
+
+class FunctionNode(Strict):
+    kind: Literal["function"]
+    fn: str = Field(description="a builtin name or `module:function`")
+    args: dict[str, str] = Field(default_factory=dict, description="argument -> reference (node, input.field, state.field)")
+    with_: dict[str, Any] = Field(default_factory=dict, alias="with", description="constant keyword arguments")
+    backward: Literal["pass", "route"] = "pass"
+    description: str | None = None
+
+
+class LoopNode(Strict):
+    kind: Literal["loop"]
+    body: dict[Name, "NodeSpec"]
+    state: dict[Name, Any] = Field(default_factory=dict)
+    update: dict[Name, str] = Field(default_factory=dict, description="state key -> reference to a body output")
+    until: str | None = Field(None, description="restricted expression; the loop stops when it is true")
+    max_iters: int = Field(ge=1, le=100)
+    description: str | None = None
+
+
+NodeSpec = Annotated[Union[LLMNode, FunctionNode, LoopNode], Field(discriminator="kind")]
+LoopNode.model_rebuild()
+
+
+class MetricSpec(Strict):
+    fn: str = Field(description="exact_match, f1, contains, accuracy, or `module:function`")
+    args: dict[str, str] = Field(description="argument -> reference, e.g. pred: parse, target: input.answer")
+
+
+class LossSpec(MetricSpec):
+    feedback: Literal["template", "llm"] = "template"
+
+
+class SkipSpec(Strict):
+    from_: str = Field(alias="from", description="`loss` or a node name")
+    to: str = Field(description="a param name")
+
+
+class BudgetSpec(Strict):
+    max_calls: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_cost_usd: float | None = Field(None, gt=0)
+
+
+class TrainSpec(Strict):
+    mode: Literal["autodiff", "textgrad", "no_gradient", "none"] = "autodiff"
+    max_steps: int = Field(12, ge=0)
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(4, ge=1)
+    max_proposals: int = Field(5, ge=1)
+    max_error_samples: int = Field(4, ge=1)
+    max_correct_samples: int = Field(2, ge=0)
+    fail_threshold: float = Field(0.5, ge=0, le=1)
+    patience: int | None = Field(None, ge=1)
+    history_k: int = Field(5, ge=0)
+    propose: Literal["joint", "one_at_a_time"] = "one_at_a_time"
+    demos: Literal["off", "text_then_demos", "demos_then_text", "interleaved", "demos_only"] = "off"
+    teacher: str | None = Field(None, description="a key of `models` used to bootstrap demos")
+    seed: int = 0
+    max_error_rate: float = Field(0.1, ge=0, le=1)
+    budget: BudgetSpec = Field(default_factory=BudgetSpec)
+
+
+class Spec(Strict):
+    name: Name
+    description: str | None = None
+    models: dict[Name, ModelConfig]
+    data: DataSpec
+    params: dict[Name, ParamSpec] = Field(default_factory=dict)
+    nodes: dict[Name, NodeSpec]
+    output: str
+    metric: MetricSpec
+    loss: LossSpec | None = None
+    skip: list[SkipSpec] = Field(default_factory=list)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    constraints: list[str] = Field(default_factory=list)
+
+    @field_validator("nodes")
+    @classmethod
+    def _some_nodes(cls, nodes: dict) -> dict:
+        if not nodes:
+            raise ValueError("at least one node")
+        return nodes
+
+
+def unbuilt_keys(spec: Spec) -> list[tuple[tuple, str]]:
+    """Keys of the format whose behaviour is not built yet: (key path, what arrives later)."""
+    found: list[tuple[tuple, str]] = []
+    for name, m in spec.models.items():
+        if m.rpm is not None:
+            found.append((("models", name, "rpm"), "rate limits"))
+        if m.tpm is not None:
+            found.append((("models", name, "tpm"), "rate limits"))
+        if isinstance(m.api_base, list):
+            found.append((("models", name, "api_base"), "several deployments (Router)"))
+    for name, p in spec.params.items():
+        if p.kind == "demos":
+            found.append((("params", name, "kind"), "few-shot demo parameters"))
+    return found

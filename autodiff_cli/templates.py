@@ -1,0 +1,71 @@
+"""Jinja2 prompt templates, rendered in a sandbox.
+
+Values (params, data, node outputs) are inserted literally: a value that itself contains
+`{{ ... }}` is never rendered a second time. Undefined names are errors, not empty text.
+Lists render one item per line and mappings as JSON, so retrieved passages read naturally.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from jinja2 import StrictUndefined, TemplateSyntaxError, meta, nodes
+from jinja2.exceptions import SecurityError, UndefinedError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+
+def _finalize(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        return "\n".join(str(_finalize(v)) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value, ensure_ascii=False)
+    return value
+
+
+_ENV = ImmutableSandboxedEnvironment(
+    undefined=StrictUndefined, autoescape=False, finalize=_finalize, keep_trailing_newline=True
+)
+
+
+class TemplateError(Exception):
+    """A template could not be compiled or rendered; the caller adds file/line/key."""
+
+    def __init__(self, message: str, line: int | None = None) -> None:
+        super().__init__(message)
+        self.line = line  # line within the template, 1-based
+
+
+@dataclass
+class Template:
+    source: str
+    names: frozenset[str]  # top-level variables the template reads
+    attributes: frozenset[tuple[str, str]]  # (name, attr) pairs read as name.attr or name['attr']
+    _compiled: Any
+
+    def render(self, context: dict[str, Any]) -> str:
+        try:
+            return self._compiled.render(context)
+        except UndefinedError as e:
+            raise TemplateError(f"undefined value: {e.message}") from None
+        except SecurityError as e:
+            raise TemplateError(f"refused by the sandbox: {e}") from None
+
+
+def compile_template(source: str) -> Template:
+    try:
+        ast = _ENV.parse(source)
+    except TemplateSyntaxError as e:
+        raise TemplateError(f"template syntax error: {e.message}", e.lineno) from None
+    names = frozenset(meta.find_undeclared_variables(ast))
+    attributes: set[tuple[str, str]] = set()
+    for node in ast.find_all((nodes.Getattr, nodes.Getitem)):
+        target = node.node
+        if isinstance(target, nodes.Name):
+            if isinstance(node, nodes.Getattr):
+                attributes.add((target.name, node.attr))
+            elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
+                attributes.add((target.name, node.arg.value))
+    return Template(source, names, frozenset(attributes), _ENV.from_string(source))
