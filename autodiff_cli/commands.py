@@ -102,8 +102,7 @@ def eval_command(config: Path, *, prompts: Path | None, run: Path | None, split:
     client = make_client(p, concurrency=concurrency, no_cache=no_cache)
     for model in task_models(p):
         client.check(model)
-    show_progress = not json_out
-    with progress(f"eval {p.spec.name} [{split}]", len(examples), enabled=show_progress) as update:
+    with progress(f"eval {p.spec.name} [{split}]", len(examples), bar=not json_out) as update:
         report = asyncio.run(evaluate(p.program, examples, values, client, progress=update))
     usage = client.usage.to_dict()
     result = {"name": p.spec.name, "split": split, "n": report.n, "completed": report.completed,

@@ -305,7 +305,11 @@ class Compiler:
                     if var not in node.params:
                         node.params.append(var)
                 else:
-                    node.reads.append(Ref(var))
+                    # precise provenance: `hops.context` reads one state field, `hops` all of it
+                    fields = sorted(a for n, a in tmpl.attributes if n == var)
+                    if var in tmpl.bare or not fields:
+                        node.reads.append(Ref(var))
+                    node.reads += [Ref(var, (f,)) for f in fields]
         for p in spec.params or []:
             if p not in self.spec.params:
                 raise self.err(key + ("params",), expected="names of params", got=f"unknown param `{p}`")
@@ -475,7 +479,7 @@ class Compiler:
         add_scope(scope, None)
         g.add_node("metric", kind="metric", fn=metric.fn_ref)
         for ref in metric.args.values():
-            g.add_edge("input" if ref.root == "input" else ref.root, "metric", label=str(ref))
+            g.add_edge("input" if ref.root == "input" else ref.root, "metric", label=str(ref) if ref.path else "")
         g.graph["output"] = output.root
 
 

@@ -25,23 +25,23 @@ def _fmt_score(score: float | None) -> str:
 
 
 @contextmanager
-def progress(label: str, total: int, enabled: bool = True) -> Iterator:
-    """Yields update(done, total, errors, score). A bar on a TTY, a line every ~10% otherwise."""
+def progress(label: str, total: int, enabled: bool = True, bar: bool = True) -> Iterator:
+    """Yields update(done, total, errors, score). A bar on a TTY (unless bar=False), else a line every ~10%."""
     if not enabled:
         yield lambda *a: None
         return
-    if stderr_is_tty():
+    if bar and stderr_is_tty():
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        display = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                        TextColumn("score {task.fields[score]} errors {task.fields[errors]}"),
                        TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=True)
-        with bar:
-            task = bar.add_task(label, total=total, score="-", errors=0)
+        with display:
+            task = display.add_task(label, total=total, score="-", errors=0)
 
             def update(done: int, total_: int, errors: int, score: float | None) -> None:
-                bar.update(task, completed=done, score=_fmt_score(score), errors=errors)
+                display.update(task, completed=done, score=_fmt_score(score), errors=errors)
 
             yield update
         return

@@ -43,6 +43,7 @@ class Template:
     source: str
     names: frozenset[str]  # top-level variables the template reads
     attributes: frozenset[tuple[str, str]]  # (name, attr) pairs read as name.attr or name['attr']
+    bare: frozenset[str]  # names also read whole (not only through an attribute)
     _compiled: Any
 
     def render(self, context: dict[str, Any]) -> str:
@@ -61,11 +62,15 @@ def compile_template(source: str) -> Template:
         raise TemplateError(f"template syntax error: {e.message}", e.lineno) from None
     names = frozenset(meta.find_undeclared_variables(ast))
     attributes: set[tuple[str, str]] = set()
+    through_attribute: set[int] = set()  # ids of Name nodes read as name.attr
     for node in ast.find_all((nodes.Getattr, nodes.Getitem)):
         target = node.node
         if isinstance(target, nodes.Name):
             if isinstance(node, nodes.Getattr):
                 attributes.add((target.name, node.attr))
+                through_attribute.add(id(target))
             elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
                 attributes.add((target.name, node.arg.value))
-    return Template(source, names, frozenset(attributes), _ENV.from_string(source))
+                through_attribute.add(id(target))
+    bare = {n.name for n in ast.find_all(nodes.Name) if n.ctx == "load" and id(n) not in through_attribute}
+    return Template(source, names, frozenset(attributes), frozenset(bare & names), _ENV.from_string(source))

@@ -14,9 +14,9 @@ SCRIPT = r"""
 rules:
   - match: "How many"
     reply: "Let me count. Answer: 3"
-  - match: "fruit (\w+) and (\w+)"
-    reply: "Answer: {1}+{2} {\"json\": true} {7}"
-  - match: "Be (\w+)"
+  - match: 'fruit (\w+) and (\w+)'
+    reply: 'Answer: {1}+{2} {"json": true} {7}'
+  - match: 'Be (\w+)'
     in: system
     reply: "I am {1}. You said: {user}"
   - match: "needle"
@@ -178,3 +178,11 @@ def test_provider_registration_is_idempotent():
     assert [e["provider"] for e in litellm.custom_provider_map] == [e["provider"] for e in before]
     assert {"local", "fake"} <= {e["provider"] for e in litellm.custom_provider_map}
     assert load_litellm() is litellm
+
+
+def test_docstring_example_is_a_valid_script(tmp_path):
+    example = fake.__doc__.split("The script is YAML:\n", 1)[1].split("\nErrors are raised", 1)[0]
+    script = fake.load_script(write(tmp_path, example))
+    assert fake.respond(script, user("a fruit kiwi")) == "Answer: kiwi"
+    assert fake.respond(script, user("unknown")) == "I don't know."
+    assert [r.error for r in script.rules] == [None, None, "500", "500"]

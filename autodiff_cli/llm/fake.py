@@ -1,4 +1,4 @@
-"""The scripted fake model `fake/<path to a script file>`, served through litellm like any provider.
+r"""The scripted fake model `fake/<path to a script file>`, served through litellm like any provider.
 
 Tests and dry runs use it to exercise the same code path as real runs (litellm, retries, cache,
 usage) with no model at all. The script is YAML:

@@ -7,6 +7,7 @@ llama.cpp grammars, so even small models produce replies that parse.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import hashlib
 import importlib.util
 import json
@@ -187,9 +188,19 @@ def _load(path: Path):
     if path not in _models:
         from llama_cpp import Llama
 
+        if not _models:
+            atexit.register(close_models)
         # chat_format left unset: llama-cpp-python uses the chat template stored in the GGUF.
         _models[path] = Llama(model_path=str(path), n_ctx=N_CTX, n_threads=os.cpu_count(), verbose=False)
     return _models[path]
+
+
+def close_models() -> None:
+    """Free loaded models; at exit this runs before teardown, when llama.cpp's own cleanup would fail noisily."""
+    with _load_lock:
+        while _models:
+            _, llm = _models.popitem()
+            llm.close()
 
 
 def _plain_messages(messages: list[dict]) -> list[dict]:

@@ -5,6 +5,7 @@ Every error names the file, the line and the key path, and says what was expecte
 from __future__ import annotations
 
 import copy
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin
@@ -43,6 +44,12 @@ def located_error(path: Path, lines: dict, overrides: dict, key: KeyPath, cls=Sp
     for n in range(len(key), 0, -1):
         if key[:n] in overrides:
             return cls(file=f"--set {overrides[key[:n]]}", key=key_text(key), **kw)
+    # a --set inside the faulty mapping (or beside a key the file lacks) caused the error
+    scope = key if key in lines else key[:-1]
+    if scope:
+        for over, arg in overrides.items():
+            if over[: len(scope)] == scope:
+                return cls(file=f"--set {arg}", key=key_text(key), **kw)
     line = None
     for n in range(len(key), -1, -1):
         if key[:n] in lines:
@@ -54,22 +61,28 @@ def located_error(path: Path, lines: dict, overrides: dict, key: KeyPath, cls=Sp
 # ---------------------------------------------------------------- YAML with lines
 
 
-def _walk_lines(node: yaml.Node, path: KeyPath, lines: dict, file: Path) -> None:
+def _walk_lines(node: yaml.Node, path: KeyPath, lines: dict, file: Path, active: frozenset = frozenset()) -> None:
+    if id(node) in active:  # a recursive alias (&a [*a]): its lines are already known
+        return
+    active = active | {id(node)}
     if isinstance(node, yaml.MappingNode):
         seen: dict[Any, int] = {}
         for key_node, value_node in node.value:
-            key = key_node.value
             line = key_node.start_mark.line + 1
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise SpecError(file=file, line=line, key=key_text(path) or None, expected="a plain key (a name)",
+                                got="a list or mapping used as a key")
+            key = key_node.value
             if key in seen:
                 raise SpecError(file=file, line=line, key=key_text(path + (key,)),
                                 expected="each key once", got=f"a duplicate of line {seen[key]}")
             seen[key] = line
             lines[path + (key,)] = line
-            _walk_lines(value_node, path + (key,), lines, file)
+            _walk_lines(value_node, path + (key,), lines, file, active)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             lines[path + (i,)] = item.start_mark.line + 1
-            _walk_lines(item, path + (i,), lines, file)
+            _walk_lines(item, path + (i,), lines, file, active)
 
 
 def read_yaml(path: Path) -> tuple[Any, dict[KeyPath, int]]:
@@ -95,6 +108,9 @@ def read_yaml(path: Path) -> tuple[Any, dict[KeyPath, int]]:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         line = mark.line + 1 if mark else None
         problem = getattr(e, "problem", None) or str(e)
+        context, context_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if context and context_mark is not None and context_mark.line + 1 != line:
+            problem += f", {context} started on line {context_mark.line + 1}"
         raise SpecError(file=path, line=line, expected="valid YAML", got=f"a syntax error ({problem})") from None
     finally:
         loader.dispose()
@@ -116,7 +132,8 @@ def parse_override(arg: str) -> tuple[KeyPath, Any]:
     try:
         value = yaml.safe_load(value_text) if value_text.strip() else ""
     except yaml.YAMLError as e:
-        raise SpecError(file=f"--set {arg}", key=key, expected="a YAML value", got=f"a syntax error ({e})") from None
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError(file=f"--set {arg}", key=key, expected="a YAML value", got=f"a syntax error ({problem})") from None
     return tuple(parts), value
 
 
@@ -131,6 +148,9 @@ def apply_override(data: dict, key: KeyPath, value: Any, arg: str) -> None:
             target = target[part]
             continue
         if part not in target or target[part] is None:
+            if isinstance(key[i + 1], int):
+                raise SpecError(file=f"--set {arg}", key=key_text(key[: i + 2]), expected="an existing list item "
+                                f"(set the whole list instead, e.g. {key_text(key[: i + 1])}=[...])", got="no such list")
             target[part] = {}
         elif not isinstance(target[part], (dict, list)):
             raise SpecError(file=f"--set {arg}", key=key_text(key[: i + 1]), expected="a mapping to set a key in", got=describe(target[part]))
@@ -152,14 +172,34 @@ def _check_known_path(key: KeyPath, data: dict, arg: str) -> None:
         fields = _fields_of(model, raw)
         if fields is None:  # a dict of named entries (models, nodes, params) or a list
             model = _item_model(model, raw, part)
-        elif part in fields or part in _aliases(model):
-            name = _aliases(model).get(part, part)
-            model = fields[name]
         else:
-            known = ", ".join(sorted(_aliases(model) or fields))
-            raise SpecError(file=f"--set {arg}", key=key_text(key[: i + 1]),
-                            expected=f"a known key ({known})", got=f"unknown key `{part}`")
+            aliases = _aliases(_pick_model(model, raw))
+            if part not in aliases:
+                raise SpecError(file=f"--set {arg}", key=key_text(key[: i + 1]),
+                                expected=f"a known key ({', '.join(sorted(aliases))})", got=_unknown_key(part, aliases))
+            model = fields[aliases[part]]
         raw = raw.get(part) if isinstance(raw, dict) else (raw[part] if isinstance(raw, list) and isinstance(part, int) and part < len(raw) else None)
+
+
+def _unknown_key(part: Any, known: Any) -> str:
+    close = difflib.get_close_matches(str(part), [str(k) for k in known], n=1)
+    return f"unknown key `{part}`" + (f" (did you mean `{close[0]}`?)" if close else "")
+
+
+def _known_keys(key: KeyPath, data: Any) -> list[str]:
+    """The keys the schema allows in the mapping at `key` ([] for free-form mappings)."""
+    model: Any = Spec
+    raw: Any = data
+    for part in key:
+        fields = _fields_of(model, raw)
+        if fields is None:
+            model = _item_model(model, raw, part)
+        else:
+            model = fields.get(_aliases(_pick_model(model, raw)).get(part, part))
+        if model is None:
+            return []
+        raw = raw.get(part) if isinstance(raw, dict) else (raw[part] if isinstance(raw, list) and isinstance(part, int) and part < len(raw) else None)
+    return sorted(_aliases(_pick_model(model, raw)))
 
 
 def _aliases(model: Any) -> dict[str, str]:
@@ -235,10 +275,18 @@ def _clean_loc(loc: tuple, raw: Any) -> KeyPath:
     return tuple(out)
 
 
+def _error_key(err: dict, raw: Any) -> KeyPath:
+    key = _clean_loc(err["loc"], raw)
+    sub = (err.get("ctx") or {}).get("key") if err["type"] == "spec_value" else None
+    return key + (sub,) if sub else key
+
+
 def _describe_pydantic_error(err: dict) -> tuple[str, str]:
     kind = err["type"]
     value = err.get("input")
     msg = err["msg"]
+    if kind == "spec_value":  # raised by the models with both halves (models.spec_value_error)
+        return err["ctx"]["expected"], err["ctx"]["got"]
     if kind == "missing":
         return "a value for this required key", "nothing"
     if kind == "extra_forbidden":
@@ -251,7 +299,7 @@ def _describe_pydantic_error(err: dict) -> tuple[str, str]:
         return "a name of letters, digits and _ (not starting with a digit)", describe(value)
     if kind == "value_error":
         return msg.removeprefix("Value error, "), describe(value) if not isinstance(value, dict) else "this mapping"
-    expected = msg.removeprefix("Input should be ").removeprefix("Input ")
+    expected = msg.removeprefix("Input should be ").removeprefix("Input ").split(", unable to parse")[0]
     return expected, describe(value)
 
 
@@ -261,17 +309,21 @@ def validate_spec(data: Any, path: Path, lines: dict, overrides: dict) -> Spec:
     try:
         return Spec.model_validate(data)
     except ValidationError as exc:
-        errors = sorted(exc.errors(), key=lambda e: _line_for(_clean_loc(e["loc"], data), lines))
+        # a missing key is often the echo of a misspelt one (`nodse:`): report the typo first
+        errors = sorted(exc.errors(), key=lambda e: (e["type"] == "missing", _line_for(_error_key(e, data), lines)))
         first = errors[0]
-        key = _clean_loc(first["loc"], data)
+        key = _error_key(first, data)
         expected, got = _describe_pydantic_error(first)
         if first["type"] == "extra_forbidden":
-            got = f"unknown key `{key[-1]}`"
+            known = _known_keys(key[:-1], data)
+            if known:
+                expected = f"a known key ({', '.join(known)})"
+            got = _unknown_key(key[-1], known)
         err = located_error(path, lines, overrides, key, expected=expected, got=got)
         if len(errors) > 1:
             more = []
             for e in errors[1:6]:
-                k = _clean_loc(e["loc"], data)
+                k = _error_key(e, data)
                 exp, g = _describe_pydantic_error(e)
                 line = _line_for(k, lines)
                 more.append(f"  also line {line}: {key_text(k)}: expected {exp}, got {g}")

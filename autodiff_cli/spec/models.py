@@ -9,12 +9,23 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 
 # The roles under which model usage is accounted (summary.json lists all four).
 ROLES = ("task", "backward", "optimizer", "teacher")
+
+
+SECRET_KEYS = ("api_key", "key", "token", "secret")
+
+
+def spec_value_error(expected: str, got: str, key: str | None = None) -> PydanticCustomError:
+    """A validation error with both halves of "expected ..., got ..." (the loader reports them as given);
+    `key` names the offending key below the validated mapping."""
+    return PydanticCustomError("spec_value", "expected {expected}, got {got}",
+                               {"expected": expected, "got": got, "key": key})
 
 
 class Strict(BaseModel):
@@ -43,12 +54,13 @@ class ModelConfig(Strict):
     @classmethod
     def _refuse_literal_keys(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            for key in ("api_key", "key", "token", "secret"):
-                if key in data:
-                    raise ValueError(
-                        f"a literal API key (`{key}`) is refused: put the key in an environment variable "
-                        "and name that variable in `api_key_env`"
-                    )
+            extra = data.get("extra") if isinstance(data.get("extra"), dict) else {}
+            for where, mapping in (("", data), ("extra.", extra)):
+                for key in SECRET_KEYS:
+                    if key in mapping:  # never echo the value
+                        raise spec_value_error(
+                            "`api_key_env: NAME`, the environment variable holding the key",
+                            f"a literal API key in `{key}` (secrets never go in a spec)", where + key)
         return data
 
     def generation_params(self) -> dict[str, Any]:
@@ -87,9 +99,9 @@ class DataSpec(Strict):
     @model_validator(mode="after")
     def _one_source(self) -> "DataSpec":
         if self.generator is None and self.val is None and self.train is None:
-            raise ValueError("give split files (`train`, `val`, optional `test`) or a `generator`")
+            raise spec_value_error("split files (`train`, `val`, optional `test`) or a `generator`", "neither")
         if self.generator is not None and any(s is not None for s in (self.train, self.val, self.test)):
-            raise ValueError("use either split files or a `generator`, not both")
+            raise spec_value_error("either split files or a `generator`", "both")
         return self
 
 
@@ -192,7 +204,7 @@ class Spec(Strict):
     @classmethod
     def _some_nodes(cls, nodes: dict) -> dict:
         if not nodes:
-            raise ValueError("at least one node")
+            raise spec_value_error("at least one node", "none")
         return nodes
 
 

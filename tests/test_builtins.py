@@ -1,0 +1,318 @@
+import json
+import os
+import threading
+
+import pytest
+
+from autodiff_cli.errors import DataError, SpecError
+from autodiff_cli.nodes import builtins as B
+from autodiff_cli.nodes.builtins import (
+    BUILTINS, Builtin, answer_after, bm25, bm25_cache_clear, bm25_cache_info, dedup_extend, join,
+    json_field, label, last_integer, resolve_function,
+)
+
+TREC = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
+
+
+# --- last_integer -------------------------------------------------------------------------
+
+COT = """Let me count the objects. I have a flute (1), a piano (2), two trombones (4),
+and 3 violins, so 4 + 3 = 7. Then adding the 2 drums gives 9.
+Answer: 9"""
+
+
+@pytest.mark.parametrize("text, expected", [
+    (COT, "9"),
+    ("Answer: 7", "7"),
+    ("Answer: 12", "12"),
+    ("So there are 12.", "12"),
+    ("The total is 1,234 apples.", "1234"),
+    ("It went from 5 to 1,000,000", "1000000"),
+    ("The temperature is -5 degrees.", "-5"),
+    ("Answer: \u22124", "-4"),
+    ("pages 3-5", "5"),
+    ("1,2,3", "3"),
+    ("I owe 12.50 dollars, so 3 left", "3"),
+    ("Answer: 8.0", "8"),
+    ("0007", "7"),
+    ("I think so...5", "5"),
+    ("There are twelve.", None),
+    ("", None),
+    (None, None),
+    (42, "42"),
+    (["a 1", "b 2"], "2"),
+])
+def test_last_integer(text, expected):
+    assert last_integer(text) == expected
+
+
+# --- answer_after -------------------------------------------------------------------------
+
+def test_answer_after():
+    text = "Reasoning: the answer could be 3.\nAnswer: 7 objects\nDone."
+    assert answer_after(text) == "7 objects"
+    assert answer_after("Answer: 1\nlater ANSWER: 2") == "2"
+    assert answer_after("**Answer:** Paris") == "Paris"
+    assert answer_after("Answer:\n\n  Lyon  \nmore") == "Lyon"
+    assert answer_after("Final: yes", marker="Final:") == "yes"
+    assert answer_after("no marker here") is None
+    assert answer_after("Answer:   ") is None
+    assert answer_after(None) is None
+
+
+# --- label --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("LOC", "LOC"),
+    ("  loc. ", "LOC"),
+    ("**HUM**", "HUM"),
+    ("The answer is LOC.", "LOC"),
+    ("Answer: NUM", "NUM"),
+    ("label: desc", "DESC"),
+    # label words appear earlier in the reasoning; the marker decides
+    ("It could be HUM since it mentions a person, or LOC since it mentions a city, "
+     "but it asks for a description.\nAnswer: DESC", "DESC"),
+    ("Not ENTY and not NUM. Label: HUM (not LOC)", "HUM"),
+    ("Answer: the question is about a place, so the category is LOC", "LOC"),
+    # no marker: the last whole-word mention wins; substrings do not count
+    ("It is not NUM. I would say ENTY", "ENTY"),
+    ("LOCATION and NUMBERS are not labels; HUM is", "HUM"),
+    ("nothing relevant here", None),
+    ("", None),
+    (None, None),
+])
+def test_label_trec(text, expected):
+    assert label(text, TREC) == expected
+
+
+def test_label_default_and_canonical_spelling():
+    assert label("no idea", TREC, default="DESC") == "DESC"
+    assert label("I'd say Positive.", ["negative", "positive"]) == "positive"
+    assert label("answer: very positive", ["positive", "very positive"]) == "very positive"
+    assert label("not_entailment", ["entailment", "not_entailment"]) == "not_entailment"
+    assert label("text", []) is None
+    assert label("text", None, default="x") == "x"
+
+
+# --- json_field ---------------------------------------------------------------------------
+
+def test_json_field():
+    fenced = 'Here you go:\n```json\n{"action": "search", "args": {"query": "Paris", "k": [1, 2]}}\n```\nThanks'
+    assert json_field(fenced, "action") == "search"
+    assert json_field(fenced, "args.query") == "Paris"
+    assert json_field(fenced, "args.k.1") == 2
+    assert json_field(fenced, "args.missing", default="d") == "d"
+    assert json_field('I think {not json} but {"a": 1} and {"a": 2}', "a") == 1
+    assert json_field('{"a": {"b": null}}', "a.b", default=5) is None
+    assert json_field("no json at all", "a", default=0) == 0
+    assert json_field('{"a": 1', "a", default="bad") == "bad"
+    assert json_field(None, "a") is None
+    assert json_field({"a": {"b": 3}}, "a.b") == 3
+    assert json_field('{"a": 1}', "") == {"a": 1}
+
+
+# --- list helpers -------------------------------------------------------------------------
+
+def test_dedup_extend():
+    assert dedup_extend(["a", "b"], ["b", "c", "a", "d", "c"]) == ["a", "b", "c", "d"]
+    assert dedup_extend(None, ["x", "x"]) == ["x"]
+    assert dedup_extend(["x"], None) == ["x"]
+    assert dedup_extend(None, None) == []
+    assert dedup_extend("one passage", "two passage") == ["one passage", "two passage"]
+    assert dedup_extend([{"a": 1}], [{"a": 1}, {"b": 2}]) == [{"a": 1}, {"b": 2}]
+    items = ["a"]
+    dedup_extend(items, ["b"])
+    assert items == ["a"]  # pure
+
+
+def test_join():
+    assert join(["a", None, "b"]) == "a\n\nb"
+    assert join(["a", 1], sep=", ") == "a, 1"
+    assert join(None) == ""
+    assert join("already text") == "already text"
+
+
+# --- bm25 ---------------------------------------------------------------------------------
+
+ROWS = [
+    {"title": "Paris", "text": "Paris is the capital and largest city of France."},
+    {"title": "Berlin", "text": "Berlin is the capital of Germany and its largest city."},
+    {"title": "Python", "text": "Python is a programming language created by Guido van Rossum."},
+    {"title": "Eiffel Tower", "text": "The Eiffel Tower is a wrought-iron tower in Paris, France."},
+    {"text": "Bananas are yellow fruit rich in potassium."},
+]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    bm25_cache_clear()
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n", encoding="utf-8")
+    yield path
+    bm25_cache_clear()
+
+
+def test_bm25_ranks_right_passage_first_and_caches(corpus):
+    hits = bm25("Who created the Python programming language?", corpus=str(corpus), k=2)
+    assert hits[0] == "Python: Python is a programming language created by Guido van Rossum."
+    assert bm25_cache_info() == {"hits": 0, "misses": 1, "size": 1}
+
+    hits = bm25("capital of Germany", corpus=str(corpus), k=3)
+    assert hits[0].startswith("Berlin: ")
+    assert bm25_cache_info()["hits"] == 1 and bm25_cache_info()["misses"] == 1
+
+    # same file through another spelling of the path still hits the cache
+    other = os.path.join(str(corpus.parent), ".", corpus.name)
+    bm25("bananas", corpus=other)
+    assert bm25_cache_info()["misses"] == 1
+
+
+def test_bm25_passage_without_title_and_k(corpus):
+    assert bm25("yellow potassium", corpus=str(corpus), k=1) == ["Bananas are yellow fruit rich in potassium."]
+    assert len(bm25("capital city largest tower", corpus=str(corpus), k=2)) == 2
+    assert bm25("capital", corpus=str(corpus), k=0) == []
+
+
+def test_bm25_no_title_field(corpus):
+    hits = bm25("Guido Rossum", corpus=str(corpus), k=1, title_field=None)
+    assert hits == ["Python is a programming language created by Guido van Rossum."]
+    assert bm25_cache_info()["misses"] == 1  # a different field set is a different index
+
+
+def test_bm25_empty_queries(corpus):
+    assert bm25(None, corpus=str(corpus)) == []
+    assert bm25("", corpus=str(corpus)) == []
+    assert bm25("   ", corpus=str(corpus)) == []
+    assert bm25("the of and", corpus=str(corpus)) == []  # stopwords only
+    assert bm25("zzzz qqqq", corpus=str(corpus)) == []
+    assert bm25([], corpus=str(corpus)) == []
+
+
+def test_bm25_query_list_merges_in_order(corpus):
+    hits = bm25(["Germany capital", "capital of France", None, ""], corpus=str(corpus), k=2)
+    assert hits[0].startswith("Berlin: ")
+    assert len(hits) == len(set(hits))
+    assert any(h.startswith("Paris: ") for h in hits)
+    assert hits.index(next(h for h in hits if h.startswith("Paris: "))) > 0
+
+
+def test_bm25_deterministic_ties(tmp_path):
+    bm25_cache_clear()
+    path = tmp_path / "ties.jsonl"
+    rows = [{"text": "apples one"}, {"text": "apples two"}, {"text": "apples three"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    first = bm25("apples", corpus=str(path), k=3)
+    assert first == ["apples one", "apples two", "apples three"]
+    assert bm25("apples", corpus=str(path), k=3) == first
+    bm25_cache_clear()
+
+
+def test_bm25_rebuilds_when_file_changes(corpus):
+    bm25("Paris", corpus=str(corpus))
+    with corpus.open("a", encoding="utf-8") as f:
+        f.write(json.dumps({"title": "Zebra", "text": "Zebras have stripes."}) + "\n")
+    os.utime(corpus, ns=(1, 1))  # make sure the mtime differs even on coarse clocks
+    assert bm25("stripes", corpus=str(corpus), k=1) == ["Zebra: Zebras have stripes."]
+    info = bm25_cache_info()
+    assert info["misses"] == 2 and info["size"] == 1  # the stale index was dropped
+
+
+def test_bm25_threads_build_once(corpus):
+    results = []
+
+    def worker():
+        results.append(bm25("capital of France", corpus=str(corpus), k=1))
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r == results[0] for r in results) and len(results) == 8
+    assert bm25_cache_info()["misses"] == 1
+
+
+def test_bm25_bad_corpus(tmp_path):
+    with pytest.raises(DataError, match="cannot read BM25 corpus"):
+        bm25("q", corpus=str(tmp_path / "missing.jsonl"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\nnot json\n', encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        bm25("q", corpus=str(bad))
+    assert info.value.line == 2
+    nofield = tmp_path / "nofield.jsonl"
+    nofield.write_text('{"body": "x"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match="string `text` field"):
+        bm25("q", corpus=str(nofield))
+    with pytest.raises(DataError):
+        bm25("q", corpus=None)
+
+
+# --- registry and resolve_function -------------------------------------------------------
+
+def test_registry():
+    assert set(BUILTINS) == {"last_integer", "answer_after", "label", "json_field", "bm25",
+                             "dedup_extend", "join"}
+    assert all(isinstance(b, Builtin) for b in BUILTINS.values())
+    assert BUILTINS["bm25"].path_args == frozenset({"corpus"})
+    assert BUILTINS["label"].path_args == frozenset()
+
+
+def test_resolve_function_builtins():
+    assert resolve_function("last_integer") == (last_integer, frozenset())
+    assert resolve_function("bm25") == (bm25, frozenset({"corpus"}))
+    assert resolve_function("autodiff_cli.nodes.builtins:bm25") == (bm25, frozenset({"corpus"}))
+    assert resolve_function("autodiff_cli.builtins:label") == (label, frozenset())
+
+
+def test_resolve_function_imports_modules():
+    fn, paths = resolve_function("json:dumps")
+    assert fn is json.dumps and paths == frozenset()
+    fn, _ = resolve_function("os.path:join")
+    assert fn is os.path.join
+    fn, _ = resolve_function("json:JSONDecoder.decode")
+    assert fn is json.JSONDecoder.decode
+
+
+@pytest.mark.parametrize("ref, fragment", [
+    ("no_such_builtin", "'no_such_builtin'"),
+    ("mypkg.module.function", "'mypkg.module.function'"),
+    ("definitely_missing_module_xyz:fn", "ModuleNotFoundError"),
+    ("json:no_such_function", "AttributeError"),
+    ("json:__name__", "not callable"),
+    ("autodiff_cli.nodes.builtins:nope", "'autodiff_cli.nodes.builtins:nope'"),
+    (":fn", "':fn'"),
+    ("json:", "'json:'"),
+    ("", "''"),
+])
+def test_resolve_function_errors(ref, fragment):
+    with pytest.raises(SpecError) as info:
+        resolve_function(ref)
+    err = info.value
+    assert err.expected is not None and "module:function" in err.expected
+    assert "last_integer" in err.expected and "bm25" in err.expected
+    assert err.got is not None and fragment in err.got
+    assert err.file is None and err.line is None  # the caller fills in the location
+
+
+def test_resolve_function_module_raising_on_import(tmp_path, monkeypatch):
+    (tmp_path / "explodes_on_import.py").write_text("raise RuntimeError('kaboom')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(SpecError) as info:
+        resolve_function("explodes_on_import:fn")
+    assert "RuntimeError: kaboom" in info.value.got
+
+
+def test_resolve_dotted_hint():
+    with pytest.raises(SpecError) as info:
+        resolve_function("mypkg.module.function")
+    assert "package.module:function" in (info.value.hint or "")
+
+
+def test_builtins_called_with_keyword_args():
+    # function nodes call fn(**args, **with_)
+    fn, _ = resolve_function("label")
+    assert fn(**{"text": "Answer: LOC"}, **{"labels": TREC, "default": None}) == "LOC"
+    fn, _ = resolve_function("json_field")
+    assert fn(**{"text": '{"a": 1}'}, **{"field": "a"}) == 1
+    assert B.last_integer(text="Answer: 3") == "3"
