@@ -311,26 +311,28 @@ def validate_spec(data: Any, path: Path, lines: dict, overrides: dict) -> Spec:
     except ValidationError as exc:
         # a missing key is often the echo of a misspelt one (`nodse:`): report the typo first
         errors = sorted(exc.errors(), key=lambda e: (e["type"] == "missing", _line_for(_error_key(e, data), lines)))
-        first = errors[0]
-        key = _error_key(first, data)
-        expected, got = _describe_pydantic_error(first)
-        if first["type"] == "extra_forbidden":
-            known = _known_keys(key[:-1], data)
-            if known:
-                expected = f"a known key ({', '.join(known)})"
-            got = _unknown_key(key[-1], known)
-        err = located_error(path, lines, overrides, key, expected=expected, got=got)
+        located = [_located_validation_error(e, data, path, lines, overrides) for e in errors[:6]]
+        err = located[0]
         if len(errors) > 1:
             more = []
-            for e in errors[1:6]:
-                k = _error_key(e, data)
-                exp, g = _describe_pydantic_error(e)
-                line = _line_for(k, lines)
-                more.append(f"  also line {line}: {key_text(k)}: expected {exp}, got {g}")
+            for e in located[1:]:
+                where = e.file if e.line is None else f"line {e.line}"
+                more.append(f"  also {where}: {e.key}: expected {e.expected}, got {e.got}")
             if len(errors) > 6:
                 more.append(f"  ... and {len(errors) - 6} more")
             err.hint = "\n".join(more)
         raise err from None
+
+
+def _located_validation_error(err: dict, data: Any, path: Path, lines: dict, overrides: dict) -> SpecError:
+    key = _error_key(err, data)
+    expected, got = _describe_pydantic_error(err)
+    if err["type"] == "extra_forbidden":
+        known = _known_keys(key[:-1], data)
+        if known:
+            expected = f"a known key ({', '.join(known)})"
+        got = _unknown_key(key[-1], known)
+    return located_error(path, lines, overrides, key, expected=expected, got=got)
 
 
 def _line_for(key: KeyPath, lines: dict) -> int:
