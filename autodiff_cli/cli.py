@@ -111,6 +111,24 @@ def eval_(config: Path = typer.Argument(..., help="The pipeline spec (YAML)."),
                 fail_under=fail_under, json_out=json_out, out=out, no_cache=no_cache, overrides=set_ or [])
 
 
+# ---------------------------------------------------------------- export-prompts
+
+
+@app.command("export-prompts")
+def export_prompts(run_dir: Path = typer.Argument(..., help="A run directory made by `autodiff train`."),
+                   format: str = typer.Option("yaml", "--format", help="yaml, json, md or config (the spec with the best prompts baked in)."),
+                   output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write FILE (atomically) instead of printing.")) -> None:
+    """Print a run's best prompts as plain text, or the config with them baked in.
+
+    Examples:
+      autodiff export-prompts runs/object_count-20261124-101500 --format md
+      autodiff export-prompts runs/object_count-20261124-101500 --format config -o configs/object_count.best.yaml
+    """
+    from .commands import export_command
+
+    run_guarded(export_command, run_dir, format, output)
+
+
 # ---------------------------------------------------------------- data / cache / schema
 
 

@@ -152,6 +152,22 @@ def _print_eval_table(result: dict, report) -> None:
     console.print(table)
 
 
+# ---------------------------------------------------------------- export-prompts
+
+
+def export_command(run_dir: Path, fmt: str, output: Path | None) -> None:
+    from .export import check_format, export_prompts
+    from .rundir import atomic_write_bytes
+
+    check_format(fmt)
+    text = export_prompts(run_dir, fmt)
+    if output is None:
+        print(text, end="")
+        return
+    atomic_write_bytes(output, text.encode("utf-8"))
+    log(f"wrote {output}")
+
+
 # ---------------------------------------------------------------- data / cache
 
 

@@ -148,6 +148,16 @@ class Compiler:
         self.input_fields: set[str] = set()
         self.used_params: set[str] = set()
         self.graph = nx.DiGraph()
+        self.state_stack: list[set[str]] = []  # state keys of the loops being compiled, innermost last
+        self.loop_states: dict[str, set[str]] = {}  # loop name -> its state keys (its output's fields)
+
+        def find_loops(nodes: dict) -> None:
+            for name, node in nodes.items():
+                if isinstance(node, LoopNode):
+                    self.loop_states[name] = set(node.state)
+                    find_loops(node.body)
+
+        find_loops(self.spec.nodes)
 
     # ---------------------------------------------------------------- entry
 
@@ -261,14 +271,28 @@ class Compiler:
         if root in ("state", "iteration"):
             if not in_loop:
                 raise self.err(key, expected=f"`{root}` only inside a loop body", got=f"`{root}` outside a loop")
+            if path and path[0] != "*":
+                self._check_field(root, path[0], key)
             return
         if root in self.spec.params:
             self.used_params.add(root)
             return
         if root in visible:
+            if path and path[0] != "*":
+                self._check_field(root, path[0], key)
             return
         known = sorted(visible | set(self.spec.params) | {"input"})
         raise self.err(key, expected="a node, param or `input` (" + ", ".join(known) + ")", got=f"unknown name `{root}`")
+
+    def _check_field(self, root: str, field_name: Any, key: KeyPath) -> None:
+        """`state.x` and `<loop>.x` (a loop's output is its final state) must name a key of that state."""
+        if root == "state":
+            known, what = (self.state_stack[-1] if self.state_stack else None), "the loop's `state`"
+        else:
+            known, what = self.loop_states.get(root), f"`{root}`'s final `state` (a loop's output)"
+        if known is not None and str(field_name) not in known:
+            raise self.err(key, expected=f"a key of {what}: {', '.join(sorted(known)) or 'none'}",
+                           got=f"`{root}.{field_name}`")
 
     # ---------------------------------------------------------------- node kinds
 
@@ -292,6 +316,8 @@ class Compiler:
                 continue
             for var in sorted(tmpl.names):
                 self._check_root(var, ("*",) if var == "input" else (), key + (part,), visible, loop is not None)
+                for attr in sorted(a for n, a in tmpl.attributes if n == var):
+                    self._check_field(var, attr, key + (part,))
                 if var == "input":
                     fields = sorted(a for n, a in tmpl.attributes if n == "input")
                     if not fields:
@@ -365,6 +391,7 @@ class Compiler:
 
         node = CompiledNode(name, "loop", spec, key, max_iters=spec.max_iters, initial_state=dict(spec.state))
         outer = visible - {name}
+        self.state_stack.append(set(spec.state))
         node.body = self._compile_scope(spec.body, key + ("body",), outer=outer, loop=node)
         body_names = set(node.body.nodes)
         for field_name, text in spec.update.items():
@@ -372,6 +399,7 @@ class Compiler:
                 raise self.err(key + ("update", field_name), expected="a key of the loop's `state` (" + ", ".join(spec.state) + ")",
                                got=repr(field_name))
             node.update[field_name] = self._ref(text, key + ("update", field_name), body_names | outer, body_names, True)
+        self.state_stack.pop()
         if spec.until is not None:
             try:
                 node.until = compile_expr(spec.until)
@@ -458,6 +486,13 @@ class Compiler:
         g = self.graph
         g.add_node("input", kind="input")
 
+        def add_edge(src: str, dst: str, label: str = "") -> None:
+            """One edge per pair; its label lists every field read along it (input.hint, input.question)."""
+            labels = [x for x in (g.edges[src, dst].get("label") or "").split(", ") if x] if g.has_edge(src, dst) else []
+            if label and label not in labels:
+                labels.append(label)
+            g.add_edge(src, dst, label=", ".join(labels))
+
         def add_scope(sc: Scope, parent: str | None) -> None:
             for node in sc.nodes.values():
                 g.add_node(node.name, kind=node.kind, parent=parent, model=node.model, fn=node.fn_ref)
@@ -467,19 +502,19 @@ class Compiler:
                         continue
                     if ref.root in self.spec.params:
                         continue
-                    g.add_edge(src, node.name, label=str(ref) if ref.path else "")
+                    add_edge(src, node.name, str(ref) if ref.path else "")
                 for p in node.params:
                     g.add_node(f"param:{p}", kind="param", trainable=self.spec.params[p].trainable)
                     g.add_edge(f"param:{p}", node.name)
                 if node.body:
                     add_scope(node.body, node.name)
                     for field_name, ref in node.update.items():
-                        g.add_edge(ref.root, node.name, label=f"state.{field_name}")
+                        add_edge(ref.root, node.name, f"state.{field_name}")
 
         add_scope(scope, None)
         g.add_node("metric", kind="metric", fn=metric.fn_ref)
         for ref in metric.args.values():
-            g.add_edge("input" if ref.root == "input" else ref.root, "metric", label=str(ref) if ref.path else "")
+            add_edge("input" if ref.root == "input" else ref.root, "metric", str(ref) if ref.path else "")
         g.graph["output"] = output.root
 
 

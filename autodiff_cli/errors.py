@@ -112,3 +112,15 @@ class ErrorRateExceeded(AutodiffError):
     """Too many examples failed with model-call errors."""
 
     exit_code = EXIT_MODEL_ERRORS
+
+
+class BudgetExhausted(AutodiffError):
+    """A training budget (calls, tokens or cost) is used up."""
+
+    exit_code = EXIT_BUDGET
+
+
+class Interrupted(AutodiffError):
+    """Ctrl-C or SIGTERM."""
+
+    exit_code = EXIT_INTERRUPTED

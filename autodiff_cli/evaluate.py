@@ -35,6 +35,7 @@ class EvalReport:
     n: int
     results: list[ExampleResult] = field(default_factory=list)
     wall_seconds: float = 0.0
+    stopped_early: bool = False  # it could no longer beat `stop_unless_above`; outstanding calls were cancelled
 
     @property
     def completed(self) -> int:
@@ -61,8 +62,13 @@ ProgressFn = Callable[[int, int, int, float | None], None]  # done, total, error
 
 
 async def evaluate(program: Program, examples: list[Example], values: dict[str, str], client: Any,
-                   *, progress: ProgressFn | None = None, max_in_flight: int | None = None) -> EvalReport:
-    """Run every example; results come back in the order of `examples`."""
+                   *, progress: ProgressFn | None = None, max_in_flight: int | None = None,
+                   stop_unless_above: float | None = None) -> EvalReport:
+    """Run every example; results come back in the order of `examples`.
+
+    With `stop_unless_above`, evaluation stops (cancelling outstanding calls) as soon as the
+    score can no longer end strictly above that value, counting unfinished examples as 1.
+    """
     engine = ForwardEngine(program, client)
     limit = max_in_flight or max(16, 2 * sum(m.concurrency for m in program.spec.models.values()))
     gate = asyncio.Semaphore(limit)  # bounds memory for large sets; the model limits pace the calls
@@ -85,8 +91,34 @@ async def evaluate(program: Program, examples: list[Example], values: dict[str, 
         return result
 
     tasks = [asyncio.ensure_future(one(e)) for e in examples]
+    if stop_unless_above is not None:
+        hopeless = asyncio.Event()
+
+        def check(_task: asyncio.Future) -> None:
+            # errors may still be retried, so they count as possible successes
+            if (total_score + (len(examples) - done + errors)) / max(len(examples), 1) <= stop_unless_above:
+                hopeless.set()
+
+        for t in tasks:
+            t.add_done_callback(check)
     try:
-        report.results = list(await asyncio.gather(*tasks))
+        if stop_unless_above is None:
+            report.results = list(await asyncio.gather(*tasks))
+        else:
+            waiter = asyncio.ensure_future(asyncio.gather(*tasks))
+            stopper = asyncio.ensure_future(hopeless.wait())
+            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if waiter.done():
+                report.results = waiter.result()
+            else:
+                report.stopped_early = True
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                waiter.cancel()
+                await asyncio.gather(waiter, return_exceptions=True)
+                report.results = [t.result() for t in tasks if t.done() and not t.cancelled() and t.exception() is None]
     except BaseException:
         for t in tasks:
             t.cancel()

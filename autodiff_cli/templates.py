@@ -53,13 +53,19 @@ class Template:
             raise TemplateError(f"undefined value: {e.message}") from None
         except SecurityError as e:
             raise TemplateError(f"refused by the sandbox: {e}") from None
+        except Exception as e:  # e.g. {{ n + 'a' }} on this example's values, or an over-long range()
+            raise TemplateError(f"cannot render: {type(e).__name__}: {e}") from None
 
 
 def compile_template(source: str) -> Template:
     try:
         ast = _ENV.parse(source)
+        compiled = _ENV.from_string(source)  # also checks filter and test names
     except TemplateSyntaxError as e:
         raise TemplateError(f"template syntax error: {e.message}", e.lineno) from None
+    for node in ast.find_all((nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)):
+        raise TemplateError("template syntax error: a prompt template is self-contained "
+                            "({% extends %}, {% include %} and {% import %} are not supported)", node.lineno)
     names = frozenset(meta.find_undeclared_variables(ast))
     attributes: set[tuple[str, str]] = set()
     through_attribute: set[int] = set()  # ids of Name nodes read as name.attr
@@ -73,4 +79,4 @@ def compile_template(source: str) -> Template:
                 attributes.add((target.name, node.arg.value))
                 through_attribute.add(id(target))
     bare = {n.name for n in ast.find_all(nodes.Name) if n.ctx == "load" and id(n) not in through_attribute}
-    return Template(source, names, frozenset(attributes), frozenset(bare & names), _ENV.from_string(source))
+    return Template(source, names, frozenset(attributes), frozenset(bare & names), compiled)

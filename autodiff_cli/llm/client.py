@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Callable, TYPE_CHECKING, Any, Mapping
 
 from autodiff_cli.errors import AutodiffError, ModelCallError, SpecError
 from autodiff_cli.llm import fake, local
@@ -81,6 +81,7 @@ class ModelClient:
         self._rng = rng or random.Random()
         self._targets: dict[str, Target] = {}
         self._semaphores: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Semaphore]] = {}
+        self.before_call: Callable[[str], None] | None = None
 
     # --- checks --------------------------------------------------------------------------------
 
@@ -160,6 +161,8 @@ class ModelClient:
         attempt = 0
         while True:
             attempt += 1
+            if self.before_call is not None:
+                self.before_call(role)  # e.g. the training budget: raises to stop before spending
             try:
                 response = await self._attempt(target, messages, response_format, api_key)
             except Exception as e:  # noqa: BLE001 - every provider error is classified below

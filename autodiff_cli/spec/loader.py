@@ -277,6 +277,8 @@ def _clean_loc(loc: tuple, raw: Any) -> KeyPath:
 
 def _error_key(err: dict, raw: Any) -> KeyPath:
     key = _clean_loc(err["loc"], raw)
+    if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        return key + ("kind",)  # point at the `kind:` line, not the node's
     sub = (err.get("ctx") or {}).get("key") if err["type"] == "spec_value" else None
     return key + (sub,) if sub else key
 

@@ -178,7 +178,7 @@ class TrainSpec(Strict):
     fail_threshold: float = Field(0.5, ge=0, le=1)
     patience: int | None = Field(None, ge=1)
     history_k: int = Field(5, ge=0)
-    propose: Literal["joint", "one_at_a_time"] = "one_at_a_time"
+    propose: Literal["joint", "one_at_a_time"] = "joint"
     demos: Literal["off", "text_then_demos", "demos_then_text", "interleaved", "demos_only"] = "off"
     teacher: str | None = Field(None, description="a key of `models` used to bootstrap demos")
     seed: int = 0

@@ -1,0 +1,217 @@
+"""Textual backpropagation over one example's trace.
+
+Like micrograd's backward, a reverse walk over the trace: every call that received feedback
+hands feedback to its predecessors by the rule of its node kind.
+  llm call       one backward-engine call: feedback for each trainable param it used (shown
+                 with its peers) and each traced upstream output, as one JSON object
+  function call  backward: pass -> the feedback goes unchanged to each traced input (no call)
+                 backward: route -> the backward engine splits it among the inputs
+Calls of one example run as soon as every consumer of their output is done, so independent
+branches go concurrently. Feedback is always combined and shown in a canonical order
+(score, example id, topological index, call index), never in order of arrival.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .. import metaprompts
+from ..compiler import Program
+from ..errors import ModelCallError
+from ..trace import Call, Trace
+from .loss import Evaluation, _short
+
+log = logging.getLogger("autodiff.backward")
+
+NO_CHANGE = "no change needed"
+
+
+@dataclass(frozen=True)
+class Gradient:
+    example_id: str
+    score: float
+    node: str  # the node whose backward rule produced it ("loss" for skip connections from the loss)
+    call_index: int
+    topo_index: int
+    target: str  # "param:<name>" or "call:<call id>"
+    feedback: str
+
+    def sort_key(self) -> tuple:
+        return (self.score, self.example_id, self.topo_index, self.call_index, self.target)
+
+    def row(self) -> dict[str, Any]:
+        data = asdict(self)
+        del data["topo_index"]
+        return data
+
+
+def canonical(gradients: list[Gradient]) -> list[Gradient]:
+    return sorted(gradients, key=Gradient.sort_key)
+
+
+@dataclass
+class BackwardResult:
+    gradients: list[Gradient]
+    parse_failures: int = 0
+
+
+def _param_key(name: str) -> str:
+    return name
+
+
+def _input_key(name: str) -> str:
+    return f"input: {name}"
+
+
+def parse_json_object(text: str) -> dict | None:
+    """The first JSON object in a reply (tolerates ```json fences and surrounding prose)."""
+    text = text.strip()
+    fenced = re.search(r"```(?:json)?\s*(\{.*?\})\s*```", text, re.S)
+    candidates = [fenced.group(1)] if fenced else []
+    start = text.find("{")
+    if start >= 0:
+        candidates.append(text[start: text.rfind("}") + 1])
+    for candidate in candidates:
+        try:
+            value = json.loads(candidate)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return None
+
+
+class BackwardEngine:
+    def __init__(self, program: Program, client: Any, model_name: str, trainable: set[str]) -> None:
+        self.program = program
+        self.client = client
+        self.model_name = model_name
+        self.trainable = trainable
+        self.skips_from: dict[str, list[str]] = {}
+        for skip in program.spec.skip:
+            self.skips_from.setdefault(skip.from_, []).append(skip.to)
+
+    async def backward(self, trace: Trace, evaluation: Evaluation) -> BackwardResult:
+        """Gradients for one failed example, in canonical order."""
+        received: dict[str, list[tuple[tuple, str]]] = {c.id: [] for c in trace.calls}
+        for source in evaluation.sources:
+            received.setdefault(source, []).append(((10**9, 0, "loss"), evaluation.text))
+        result = BackwardResult([])
+        for param in self.skips_from.get("loss", []):
+            if param in self.trainable:
+                result.gradients.append(Gradient(trace.example_id, evaluation.score, "loss", 0, 10**9,
+                                                 f"param:{param}", evaluation.text))
+        consumers: dict[str, list[str]] = {c.id: [] for c in trace.calls}
+        for call in trace.calls:
+            for source in {s for v in call.inputs.values() for s in v.sources}:
+                consumers.setdefault(source, []).append(call.id)
+        done: dict[str, asyncio.Future] = {c.id: asyncio.get_running_loop().create_future() for c in trace.calls}
+
+        async def visit(call: Call) -> None:
+            try:
+                await asyncio.gather(*(done[c] for c in consumers.get(call.id, [])))
+                if received[call.id]:
+                    await self._visit(trace, evaluation, call, received, result)
+            finally:
+                if not done[call.id].done():
+                    done[call.id].set_result(None)
+
+        await asyncio.gather(*(visit(c) for c in reversed(trace.calls)))
+        result.gradients = canonical(result.gradients)
+        return result
+
+    # ---------------------------------------------------------------- one call
+
+    def _combined(self, items: list[tuple[tuple, str]]) -> str:
+        texts = [text for _, text in sorted(items)]
+        unique = list(dict.fromkeys(texts))
+        return unique[0] if len(unique) == 1 else "\n".join(f"({i}) {t}" for i, t in enumerate(unique, 1))
+
+    async def _visit(self, trace: Trace, ev: Evaluation, call: Call, received: dict, result: BackwardResult) -> None:
+        feedback = self._combined(received[call.id])
+        order = (call.topo_index, call.call_index, call.id)
+        for param in self.skips_from.get(call.node, []):
+            if param in self.trainable:
+                result.gradients.append(self._gradient(trace, ev, call, f"param:{param}", feedback))
+        if call.kind == "function":
+            node = self.program.node(call.node)
+            sources = {name: v.sources for name, v in call.inputs.items() if v.sources}
+            if not sources:
+                return
+            if node.spec.backward == "route" and len(sources) > 1:
+                routed = await self._route(trace, call, feedback, sources, result)
+            else:
+                routed = {name: feedback for name in sources}
+            for name, text in routed.items():
+                for source in sources[name]:
+                    received[source].append((order, text))
+                    result.gradients.append(self._gradient(trace, ev, call, f"call:{source}", text))
+            return
+        await self._llm(trace, ev, call, feedback, received, result, order)
+
+    async def _llm(self, trace: Trace, ev: Evaluation, call: Call, feedback: str, received: dict,
+                   result: BackwardResult, order: tuple) -> None:
+        params = [p for p in call.params if p in self.trainable]
+        upstream = {name: v for name, v in call.inputs.items() if v.sources}
+        if not params and not upstream:
+            return
+        keys = [{"key": _param_key(p), "description": f"the prompt parameter `{p}`"} for p in params]
+        keys += [{"key": _input_key(n), "description": f"the input `{n}` (output of {', '.join(v.sources)}): {_short(v.value, 600)}"}
+                 for n, v in upstream.items()]
+        spec_params = self.program.params
+        node_params = [{"name": p, "role": spec_params[p].role or "prompt", "value": value,
+                        "trainable": p in self.trainable} for p, value in call.params.items()]
+        msgs = metaprompts.messages("backward_llm", call_id=call.id, node=call.node, example_id=trace.example_id,
+                                    iteration=call.iteration, messages=call.messages or [], output=_short(call.output),
+                                    feedback=feedback, node_params=node_params, keys=keys)
+        reply = await self._ask(msgs, [k["key"] for k in keys], result, call)
+        if reply is None:
+            return
+        for p in params:
+            text = reply.get(_param_key(p), "")
+            if text and NO_CHANGE not in text.lower():
+                result.gradients.append(self._gradient(trace, ev, call, f"param:{p}", text))
+        for name, value in upstream.items():
+            text = reply.get(_input_key(name), "")
+            if text and NO_CHANGE not in text.lower():
+                for source in value.sources:
+                    received[source].append((order, text))
+                    result.gradients.append(self._gradient(trace, ev, call, f"call:{source}", text))
+
+    async def _route(self, trace: Trace, call: Call, feedback: str, sources: dict[str, list[str]],
+                     result: BackwardResult) -> dict[str, str]:
+        node = self.program.node(call.node)
+        keys = [{"key": _input_key(n), "description": f"output of {', '.join(s)}: {_short(call.inputs[n].value, 600)}"}
+                for n, s in sources.items()]
+        msgs = metaprompts.messages("backward_route", call_id=call.id, node=call.node, fn=node.fn_ref,
+                                    example_id=trace.example_id, iteration=call.iteration,
+                                    output=_short(call.output), feedback=feedback, keys=keys)
+        reply = await self._ask(msgs, [k["key"] for k in keys], result, call)
+        if reply is None:
+            return {}
+        return {n: reply[_input_key(n)] for n in sources
+                if reply.get(_input_key(n)) and NO_CHANGE not in reply[_input_key(n)].lower()}
+
+    async def _ask(self, msgs: list[dict], keys: list[str], result: BackwardResult, call: Call) -> dict[str, str] | None:
+        schema = {"type": "object", "properties": {k: {"type": "string"} for k in keys},
+                  "required": keys, "additionalProperties": False}
+        try:
+            reply = await self.client.complete(self.model_name, msgs, role="backward", json_schema=schema)
+        except ModelCallError as e:
+            log.warning("backward call for %s failed: %s", call.id, e.message)
+            result.parse_failures += 1
+            return None
+        data = parse_json_object(reply.text)
+        if data is None:
+            log.warning("backward reply for %s is not a JSON object; no gradient from it", call.id)
+            result.parse_failures += 1
+            return None
+        return {k: str(v).strip() for k, v in data.items() if k in keys and v is not None}
+
+    @staticmethod
+    def _gradient(trace: Trace, ev: Evaluation, call: Call, target: str, text: str) -> Gradient:
+        return Gradient(trace.example_id, ev.score, call.node, call.call_index, call.topo_index, target, text)

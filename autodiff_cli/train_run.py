@@ -1,0 +1,168 @@
+"""`autodiff train`: set up the run directory, run the Trainer, write after every step, resume.
+
+The Trainer (trainer.py) knows nothing about files; this module turns its state into the
+run directory of CONTRACT.md and back.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import typer
+
+from .console import log
+from .errors import (EXIT_BUDGET, EXIT_INTERRUPTED, EXIT_MODEL_ERRORS, BudgetExhausted, ErrorRateExceeded,
+                     UsageError)
+
+SCHEMA_VERSION = 1
+
+
+def role_models(spec, trainer) -> dict[str, str | None]:
+    models = spec.models
+    teacher = spec.train.teacher
+    return {"task": models[_first_task(trainer)].model, "backward": models[trainer.backward_model].model,
+            "optimizer": models[trainer.optimizer_model].model, "teacher": models[teacher].model if teacher else None}
+
+
+def _first_task(trainer) -> str:
+    from .trainer import _task_model
+
+    return _task_model(trainer.program)
+
+
+def secrets_of(spec) -> list[str]:
+    return [os.environ[m.api_key_env] for m in spec.models.values() if m.api_key_env and os.environ.get(m.api_key_env)]
+
+
+def summary_of(rd, spec, trainer, state, status: str, reason: str | None, tests: dict, config_path: Path) -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION, "name": spec.name, "run_dir": str(rd.path), "status": status,
+        "reason": reason, "seed": spec.train.seed, "mode": spec.train.mode, "models": role_models(spec, trainer),
+        "initial": {"val": state.initial_val, "test": tests.get("initial")},
+        "best": {"step": state.best_step, "val": state.best_val, "test": tests.get("best")},
+        "steps": state.step, "proposals": dict(state.proposals), "usage": trainer.client.usage.to_dict(),
+        "wall_seconds": round(state.wall_seconds, 3), "config_path": str(config_path.resolve()),
+    }
+
+
+def train_command(config: Path, *, runs_dir: Path, resume: Path | None, dry_run: bool, concurrency: int | None,
+                  json_out: bool, no_cache: bool, overrides: list[str]) -> None:
+    from .commands import load_pipeline, make_client
+    from .data.splits import load_split, split_names
+    from .llm.usage import Usage
+    from .prompts_io import initial_values
+    from .rundir import RunDir
+    from .trainer import BudgetGate, Trainer, TrainState
+
+    p = load_pipeline(config, overrides)
+    spec = p.spec
+    names = split_names(p.loaded)
+    for needed in ("train", "val"):
+        if needed not in names:
+            raise p.loaded.error(("data",), expected=f"a `{needed}` split for training", got="none")
+    splits = {s: load_split(p.loaded, s, p.program.input_fields) for s in names}
+    client = make_client(p, concurrency=concurrency, no_cache=no_cache)
+    trainer = Trainer(p.program, client, splits)
+    for model in sorted({*(n.model for n in p.program.all_nodes() if n.kind == "llm"),
+                         trainer.backward_model, trainer.optimizer_model}):
+        client.check(model)
+    if dry_run:
+        from .projection import print_projection
+
+        print_projection(p.program, splits, trainer)
+        return
+
+    resolved = spec.model_dump(mode="json", by_alias=True)
+    secrets = secrets_of(spec)
+    if resume is not None:
+        rd = RunDir.open(resume, secrets=secrets)
+        if rd.read_resolved() != json.loads(json.dumps(resolved)):
+            raise UsageError(f"{config} (with --set) differs from the run's resolved.yaml; resume with the same config and --set options",
+                             hint=f"Compare with {rd.path / 'resolved.yaml'}.")
+        checkpoint = rd.read_checkpoint()
+        if checkpoint is None:
+            state = TrainState(values=initial_values(spec), initial_values=initial_values(spec))
+        else:
+            state = TrainState.from_dict(checkpoint["state"])
+        rd.truncate_after(state.step)
+        client.usage = Usage.from_dict(state.usage) if state.usage else client.usage
+        log(f"resuming {rd.path} after step {state.step}")
+    else:
+        rd = RunDir.create(runs_dir, spec.name, config_path=config, resolved=resolved, secrets=secrets)
+        state = TrainState(values=initial_values(spec), initial_values=initial_values(spec))
+        log(f"run directory {rd.path}")
+    trainer.backward_engine.client = client
+    client.before_call = BudgetGate(spec.train.budget, client.usage)
+    wall_base, started = state.wall_seconds, time.monotonic()
+
+    def on_phase(phase: str, info: dict) -> None:
+        details = " ".join(f"{k}={v}" for k, v in info.items())
+        log(f"{phase} {details}".strip())
+
+    def on_step(st, row: dict, trace_rows: list[dict]) -> None:
+        st.usage = client.usage.to_dict()
+        st.wall_seconds = wall_base + time.monotonic() - started
+        if row:
+            rd.write_traces(row["step"], trace_rows)
+            rd.append_metrics(row)
+            accepted = sum(1 for pr in row["proposals"] if pr["accepted"])
+            log(f"step {row['step']}: batch {_f(row['batch_score'])} subset {_f(row['subset_score'])} "
+                f"proposals {len(row['proposals'])} accepted {accepted} best val {_f(st.best_val)}"
+                + (f" (skipped: {row['skipped']})" if row.get("skipped") else ""))
+        else:
+            log(f"initial validation score {_f(st.initial_val)}")
+        rd.write_prompts(st.values)
+        rd.write_checkpoint({"schema_version": SCHEMA_VERSION, "state": st.to_dict()})
+        rd.write_summary(summary_of(rd, spec, trainer, st, "running", None, {}, config))
+
+    trainer.on_phase, trainer.on_step = on_phase, on_step
+    rd.write_summary(summary_of(rd, spec, trainer, state, "running", None, {}, config))
+
+    status, reason, code, tests = "completed", None, 0, {}
+
+    async def main() -> None:
+        nonlocal tests
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            await trainer.run(state)
+            tests = await trainer.test_scores(state)
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    try:
+        asyncio.run(main())
+        reason = state.stop_reason or f"ran {state.step} of {trainer.total_steps()} steps"
+    except asyncio.CancelledError:
+        status, reason, code = "interrupted", "interrupted by a signal; resume with --resume", EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        status, reason, code = "interrupted", "interrupted; resume with --resume", EXIT_INTERRUPTED
+    except BudgetExhausted as e:
+        status, reason, code = "budget_exhausted", e.message, EXIT_BUDGET
+    except ErrorRateExceeded as e:
+        status, reason, code = "failed", e.message, EXIT_MODEL_ERRORS
+    # the state on disk is the last completed step's; the summary says how the run ended
+    state.wall_seconds = wall_base + time.monotonic() - started
+    rd.write_prompts(state.values)
+    summary = summary_of(rd, spec, trainer, state, status, reason, tests, config)
+    rd.write_summary(summary)
+    log(f"{status}: {reason}; best val {_f(state.best_val)} at step {state.best_step} (initial {_f(state.initial_val)})"
+        + (f"; test {_f(tests.get('initial'))} -> {_f(tests.get('best'))}" if tests.get("best") is not None else ""))
+    if json_out:
+        print(json.dumps(summary, ensure_ascii=False))
+    print(rd.path)
+    sys.stdout.flush()
+    if code:
+        raise typer.Exit(code)
+
+
+def _f(value) -> str:
+    return "-" if value is None else f"{value:.3f}"

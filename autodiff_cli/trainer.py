@@ -1,0 +1,369 @@
+"""`autodiff train`: forward, loss, backward, propose, two-stage validation, step by step.
+
+One step:
+  1. forward the minibatch with the current (= best) values; training scores from the loss
+  2. moving batch: failed and correct examples accumulate until an update is accepted; the
+     step backpropagates at most max_error_samples failed and max_correct_samples correct
+     (a step whose minibatch has no failure is skipped)
+  3. backward (mode autodiff): textual gradients for the failed examples only
+  4. up to max_proposals proposals from the optimizer; each must beat the subset's score
+     (stage 1), then strictly beat the best validation score (stage 2, early-stopped);
+     the first that passes is accepted, the others are reverted
+After each step the run directory gets metrics, traces, prompts, checkpoint and summary, so
+`--resume` continues exactly from the last completed step.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .compiler import Program
+from .data.loaders import Example
+from .engine import score as score_trace
+from .errors import BudgetExhausted, ErrorRateExceeded
+from .evaluate import EvalReport, evaluate
+from .grad.backward import BackwardEngine, Gradient, canonical
+from .grad.loss import Evaluation, evaluate_loss, llm_evaluation
+from .optim import gdpo
+from .trace import Trace
+
+log = logging.getLogger("autodiff.train")
+
+
+@dataclass
+class PoolEntry:
+    example: Example
+    trace: Trace
+    score: float  # training (loss) score with the current values
+
+
+@dataclass
+class TrainState:
+    """Everything needed to continue exactly (checkpoint.json)."""
+
+    values: dict[str, str]
+    initial_values: dict[str, str]
+    step: int = 0  # last completed step
+    initial_val: float | None = None
+    best_val: float | None = None
+    best_step: int = 0
+    history: list[dict] = field(default_factory=list)  # accepted values: {step, values, val_score}
+    steps_since_improvement: int = 0
+    failed_pool: list[str] = field(default_factory=list)  # example ids, oldest first
+    correct_pool: list[str] = field(default_factory=list)
+    proposals: dict[str, int] = field(default_factory=lambda: {"tried": 0, "passed_subset": 0, "accepted": 0})
+    usage: dict = field(default_factory=dict)
+    wall_seconds: float = 0.0
+    stop_reason: str | None = None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainState":
+        return cls(**data)
+
+
+class Trainer:
+    def __init__(self, program: Program, client: Any, splits: dict[str, list[Example]], *,
+                 on_step: Callable[[TrainState, dict, list[dict]], None] | None = None,
+                 on_phase: Callable[[str, dict], None] | None = None) -> None:
+        self.program = program
+        self.spec = program.spec
+        self.cfg = program.spec.train
+        self.client = client
+        self.splits = splits
+        self.on_step = on_step or (lambda state, row, trace_rows: None)
+        self.on_phase = on_phase or (lambda phase, info: None)
+        self.trainable = {n for n, p in program.params.items() if p.trainable and p.kind == "prompt"}
+        self.backward_model = "backward" if "backward" in self.spec.models else _task_model(program)
+        self.optimizer_model = "optimizer" if "optimizer" in self.spec.models else _task_model(program)
+        self.backward_engine = BackwardEngine(program, client, self.backward_model, self.trainable)
+        self.pools: dict[str, PoolEntry] = {}
+        self.by_id = {e.id: e for e in splits["train"]}
+
+    # ---------------------------------------------------------------- schedule
+
+    def batches_per_epoch(self) -> int:
+        return max(1, math.ceil(len(self.splits["train"]) / self.cfg.batch_size))
+
+    def total_steps(self) -> int:
+        return min(self.cfg.max_steps, self.cfg.epochs * self.batches_per_epoch())
+
+    def batch_for(self, step: int) -> list[Example]:
+        """Step s (1-based) takes batch s of a seeded shuffle per epoch: no RNG state to carry."""
+        epoch, position = divmod(step - 1, self.batches_per_epoch())
+        order = sorted(self.splits["train"], key=lambda e: e.id)
+        random.Random(f"{self.cfg.seed}:epoch:{epoch}").shuffle(order)
+        size = self.cfg.batch_size
+        return order[position * size:(position + 1) * size]
+
+    def epoch_of(self, step: int) -> int:
+        return (step - 1) // self.batches_per_epoch()
+
+    # ---------------------------------------------------------------- scoring helpers
+
+    async def validate(self, values: dict[str, str], split: str = "val", above: float | None = None) -> EvalReport:
+        """Score a split; examples with call errors are retried once more (the cache keeps the rest free)."""
+        examples = self.splits[split]
+        report = await evaluate(self.program, examples, values, self.client, stop_unless_above=above)
+        if report.stopped_early or not report.errors:
+            return report
+        failed_ids = {r.id for r in report.results if r.error}
+        retry = await evaluate(self.program, [e for e in examples if e.id in failed_ids], values, self.client)
+        by_id = {r.id: r for r in retry.results}
+        report.results = [by_id.get(r.id, r) for r in report.results]
+        return report
+
+    async def forward(self, examples: list[Example], values: dict[str, str]) -> list[PoolEntry]:
+        report = await evaluate(self.program, examples, values, self.client)
+        entries = []
+        for example, result in zip(examples, report.results):
+            if result.error is None:
+                entries.append(PoolEntry(example, result.trace, score_trace(self.program.loss, result.trace)))
+        errors = report.errors
+        if errors and errors / max(len(examples), 1) > self.cfg.max_error_rate:
+            raise ErrorRateExceeded(f"{errors} of {len(examples)} training examples failed with model-call errors "
+                                    f"(max_error_rate {self.cfg.max_error_rate}); first: {report.first_error()}")
+        return entries
+
+    # ---------------------------------------------------------------- initial / final
+
+    async def initial(self, state: TrainState) -> None:
+        self.on_phase("validate", {"what": "initial prompts"})
+        report = await self.validate(state.values)
+        if report.errors:
+            raise ErrorRateExceeded(f"the initial validation has {report.errors} examples with model-call errors "
+                                    f"after a retry; first: {report.first_error()}")
+        state.initial_val = state.best_val = report.score
+        state.history.append({"step": 0, "values": dict(state.values), "val_score": report.score})
+
+    async def test_scores(self, state: TrainState) -> dict[str, float | None]:
+        if "test" not in self.splits:
+            return {"initial": None, "best": None}
+        self.on_phase("test", {})
+        initial = (await self.validate(state.initial_values, "test")).score
+        best = initial if state.values == state.initial_values else (await self.validate(state.values, "test")).score
+        return {"initial": initial, "best": best}
+
+    # ---------------------------------------------------------------- one step
+
+    async def restore_pools(self, state: TrainState) -> None:
+        """After --resume: recompute the moving batch's traces (cache hits: the same traces)."""
+        ids = state.failed_pool + state.correct_pool
+        if ids:
+            for entry in await self.forward([self.by_id[i] for i in ids], state.values):
+                self.pools[entry.example.id] = entry
+
+    def _update_pools(self, state: TrainState, entries: list[PoolEntry]) -> None:
+        threshold = self.cfg.fail_threshold
+        for entry in entries:
+            eid = entry.example.id
+            self.pools[eid] = entry
+            for pool in (state.failed_pool, state.correct_pool):
+                if eid in pool:
+                    pool.remove(eid)
+            (state.failed_pool if entry.score < threshold else state.correct_pool).append(eid)
+
+    def _subset(self, state: TrainState, step: int) -> tuple[list[PoolEntry], list[PoolEntry]]:
+        rng = random.Random(f"{self.cfg.seed}:subset:{step}")
+        failed = list(state.failed_pool)
+        correct = list(state.correct_pool)
+        if len(failed) > self.cfg.max_error_samples:
+            failed = sorted(rng.sample(failed, self.cfg.max_error_samples))
+        if len(correct) > self.cfg.max_correct_samples:
+            correct = sorted(rng.sample(correct, self.cfg.max_correct_samples))
+        return [self.pools[i] for i in failed], [self.pools[i] for i in correct]
+
+    async def step(self, state: TrainState, step: int) -> tuple[dict, list[dict]]:
+        """Run one step; returns its metrics row and trace rows. Mutates state on acceptance."""
+        started = time.perf_counter()
+        usage_before = self.client.usage.copy()
+        batch = self.batch_for(step)
+        row: dict[str, Any] = {"step": step, "epoch": self.epoch_of(step), "batch_ids": [e.id for e in batch],
+                               "batch_score": None, "subset_score": None, "proposals": [],
+                               "val_score": None, "best_val": state.best_val, "skipped": None}
+        trace_rows: list[dict] = []
+        self.on_phase("forward", {"step": step})
+        entries = await self.forward(batch, state.values)
+        if entries:
+            row["batch_score"] = sum(e.score for e in entries) / len(entries)
+        self._update_pools(state, entries)
+        if not any(e.score < self.cfg.fail_threshold for e in entries):
+            row["skipped"] = "no failed example in the minibatch"
+            return self._finish_row(state, row, usage_before, started, accepted=False), trace_rows
+        failed, correct = self._subset(state, step)
+        subset = failed + correct
+        row["subset_ids"] = [e.example.id for e in subset]
+        row["subset_score"] = subset_score = sum(e.score for e in subset) / len(subset)
+
+        evaluations = {e.example.id: evaluate_loss(self.program, e.trace, e.score, self.cfg.fail_threshold) for e in subset}
+        gradients: list[Gradient] = []
+        if self.cfg.mode == "autodiff":
+            self.on_phase("backward", {"step": step, "examples": len(failed)})
+            gradients = await self._backward(failed, evaluations)
+            trace_rows += [{"kind": "gradient", **g.row()} for g in gradients]
+        targets = self._params_to_change(gradients, failed)
+        if not targets:
+            row["skipped"] = "no parameter received feedback"
+            return self._finish_row(state, row, usage_before, started, accepted=False), trace_rows
+
+        accepted = False
+        failed_proposals: list[gdpo.FailedProposal] = []
+        for attempt in range(self.cfg.max_proposals):
+            self.on_phase("propose", {"step": step, "proposal": attempt + 1})
+            changing = targets if self.cfg.propose == "joint" else [targets[attempt % len(targets)]]
+            proposals = await asyncio.gather(*(
+                gdpo.propose(self.client, self.optimizer_model,
+                             self._request(state, p, gradients, subset, evaluations, failed_proposals))
+                for p in changing))
+            trace_rows += [{"kind": "proposal", "step": step, "attempt": attempt + 1, "param": p.param,
+                            "value": p.value, "method": p.method, "reason": p.reason, "raw": p.raw} for p in proposals]
+            new = {p.param: p.value for p in proposals if p.value is not None}
+            record = {"params": new, "subset_score": None, "val_score": None, "accepted": False, "reason": ""}
+            row["proposals"].append(record)
+            if not new:
+                record["reason"] = "no usable proposal: " + "; ".join(p.reason for p in proposals)
+                continue
+            state.proposals["tried"] += 1
+            candidate = {**state.values, **new}
+            self.on_phase("validate", {"step": step, "proposal": attempt + 1, "stage": "subset"})
+            sub = await self._subset_score(subset, candidate)
+            record["subset_score"] = sub
+            if sub is None or not (sub > subset_score or (subset_score == 1.0 and sub == 1.0)):
+                record["reason"] = f"subset score {_fmt(sub)} does not beat {_fmt(subset_score)}"
+                failed_proposals.append(gdpo.FailedProposal(new, sub, None, record["reason"]))
+                continue
+            state.proposals["passed_subset"] += 1
+            self.on_phase("validate", {"step": step, "proposal": attempt + 1, "stage": "validation"})
+            report = await self.validate(candidate, above=state.best_val)
+            if report.stopped_early:
+                record["reason"] = f"validation stopped early: cannot beat best {_fmt(state.best_val)}"
+            elif report.errors:
+                record["reason"] = f"validation has {report.errors} examples with call errors"
+            elif report.score is not None and (state.best_val is None or report.score > state.best_val):
+                record.update(val_score=report.score, accepted=True, reason="beats the best validation score")
+                state.values = candidate
+                state.best_val, state.best_step = report.score, step
+                state.history.append({"step": step, "values": dict(candidate), "val_score": report.score})
+                state.proposals["accepted"] += 1
+                accepted = True
+                row["val_score"] = report.score
+                # the moving batch restarts from the new values
+                state.failed_pool, state.correct_pool = [], []
+                self.pools.clear()
+                break
+            else:
+                record["val_score"] = report.score
+                record["reason"] = f"validation {_fmt(report.score)} does not beat best {_fmt(state.best_val)}"
+            failed_proposals.append(gdpo.FailedProposal(new, sub, record["val_score"], record["reason"]))
+        return self._finish_row(state, row, usage_before, started, accepted), trace_rows
+
+    def _finish_row(self, state: TrainState, row: dict, usage_before, started: float, accepted: bool) -> dict:
+        state.steps_since_improvement = 0 if accepted else state.steps_since_improvement + 1
+        row["best_val"] = state.best_val
+        row["usage"] = _usage_delta(self.client.usage.to_dict(), usage_before.to_dict())
+        row["wall_seconds"] = round(time.perf_counter() - started, 3)
+        return row
+
+    async def _backward(self, failed: list[PoolEntry], evaluations: dict[str, Evaluation]) -> list[Gradient]:
+        async def one(entry: PoolEntry) -> list[Gradient]:
+            ev = evaluations[entry.example.id]
+            if self.program.loss.feedback == "llm":
+                ev = await llm_evaluation(self.client, self.backward_model, self.program, entry.trace, ev,
+                                          entry.example.fields)
+            return (await self.backward_engine.backward(entry.trace, ev)).gradients
+
+        results = await asyncio.gather(*(one(e) for e in failed))
+        return canonical([g for gs in results for g in gs])
+
+    def _params_to_change(self, gradients: list[Gradient], failed: list[PoolEntry]) -> list[str]:
+        order = list(self.program.params)
+        if self.cfg.mode == "no_gradient":
+            used = {p for e in failed for c in e.trace.calls for p in c.params if p in self.trainable}
+            return [p for p in order if p in used]
+        with_feedback = {g.target.removeprefix("param:") for g in gradients if g.target.startswith("param:")}
+        return [p for p in order if p in with_feedback]
+
+    def _request(self, state: TrainState, param: str, gradients: list[Gradient], subset: list[PoolEntry],
+                 evaluations: dict[str, Evaluation], failed: list[gdpo.FailedProposal]) -> gdpo.ProposalRequest:
+        specs = self.program.params
+        view = lambda n: gdpo.ParamView(n, state.values[n], specs[n].role)  # noqa: E731
+        peers = sorted({p for node in self.program.all_nodes() if param in node.params for p in node.params} - {param})
+        others = [p for p in specs if p in self.trainable and p != param and p not in peers]
+        feedback = [gdpo.FeedbackItem(g.example_id, g.score, g.node, g.call_index, g.topo_index, g.feedback)
+                    for g in gradients if g.target == f"param:{param}"]
+        samples = sorted((gdpo.SampleView(e.example.id, {f: e.example.fields.get(f) for f in sorted(self.program.input_fields)},
+                                          e.trace.output, evaluations[e.example.id].target, e.score) for e in subset),
+                         key=lambda s: (s.score, s.example_id))
+        history = sorted(state.history, key=lambda h: (-(h["val_score"] or 0), h["step"]))[: self.cfg.history_k]
+        return gdpo.ProposalRequest(
+            param=view(param), peers=[view(p) for p in peers], others=[view(p) for p in others],
+            history=[gdpo.HistoryEntry(h["step"], h["values"], h["val_score"]) for h in history],
+            failed=list(failed), feedback=feedback, samples=samples, constraints=list(self.spec.constraints),
+            steps_since_improvement=state.steps_since_improvement, mode=self.cfg.mode)
+
+    async def _subset_score(self, subset: list[PoolEntry], values: dict[str, str]) -> float | None:
+        report = await evaluate(self.program, [e.example for e in subset], values, self.client)
+        scores = [score_trace(self.program.loss, r.trace) for r in report.results if r.error is None]
+        if len(scores) < len(subset):
+            return None  # call errors: never accepted on partial evidence
+        return sum(scores) / len(scores)
+
+    # ---------------------------------------------------------------- the run
+
+    async def run(self, state: TrainState) -> TrainState:
+        if state.step == 0 and state.initial_val is None:
+            await self.initial(state)
+            self.on_step(state, {}, [])
+        else:
+            await self.restore_pools(state)
+        if self.cfg.mode == "none":
+            state.stop_reason = "mode none: initial prompts only"
+            return state
+        for step in range(state.step + 1, self.total_steps() + 1):
+            row, trace_rows = await self.step(state, step)
+            state.step = step
+            self.on_step(state, row, trace_rows)
+            if self.cfg.patience and state.steps_since_improvement >= self.cfg.patience:
+                state.stop_reason = f"no improvement in {self.cfg.patience} steps (patience)"
+                break
+        return state
+
+
+def _task_model(program: Program) -> str:
+    models = [n.model for n in program.all_nodes() if n.kind == "llm"]
+    return models[0] if models else next(iter(program.spec.models))
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _usage_delta(now: dict, before: dict) -> dict:
+    return {role: {k: (round(v - before[role][k], 8) if isinstance(v, float) else v - before[role][k])
+                   for k, v in stats.items()} for role, stats in now.items()}
+
+
+class BudgetGate:
+    """Stops the run before a call that would exceed the budget (calls, tokens, cost)."""
+
+    def __init__(self, budget, usage) -> None:
+        self.budget = budget
+        self.usage = usage
+        self.started = usage.total_calls()  # calls in flight count too, so the limit is never passed
+
+    def __call__(self, role: str) -> None:
+        b = self.budget
+        if b.max_calls is not None and self.started >= b.max_calls:
+            raise BudgetExhausted(f"budget: max_calls {b.max_calls} reached")
+        self.started += 1
+        if b.max_tokens is not None and self.usage.total_tokens() >= b.max_tokens:
+            raise BudgetExhausted(f"budget: {self.usage.total_tokens()} tokens reached max_tokens {b.max_tokens}")
+        if b.max_cost_usd is not None and self.usage.total_cost() >= b.max_cost_usd:
+            raise BudgetExhausted(f"budget: ${self.usage.total_cost():.4f} reached max_cost_usd {b.max_cost_usd}")

@@ -1,0 +1,236 @@
+"""The run directory: naming, atomic writes, secret scrubbing, metrics, resume truncation, open()."""
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import yaml
+
+from autodiff_cli.errors import EXIT_USAGE, UsageError
+from autodiff_cli.rundir import RunDir, atomic_write_bytes
+
+from .conftest import write
+
+NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+SPEC_TEXT = "name: tiny\n# a comment that only the file as given has\nparams:\n  instruction: {value: 'Count.'}\n"
+RESOLVED = {"name": "tiny", "params": {"instruction": {"kind": "prompt", "value": "Count."}}}
+
+
+def make(tmp_path, secrets=(), now=NOW, name="tiny") -> RunDir:
+    config = tmp_path / "spec.yaml"
+    if not config.exists():
+        write(config, SPEC_TEXT)
+    return RunDir.create(tmp_path / "runs", name, config_path=config, resolved=RESOLVED, secrets=list(secrets), now=now)
+
+
+def files_of(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+# ---------------------------------------------------------------- naming
+
+
+def test_name_is_utc_timestamp_and_collisions_get_a_suffix(tmp_path):
+    first, second, third = make(tmp_path), make(tmp_path), make(tmp_path)
+    assert first.path == tmp_path / "runs" / "tiny-20260102-030405"
+    assert second.path.name == "tiny-20260102-030405-2"
+    assert third.path.name == "tiny-20260102-030405-3"
+    # an aware time in another zone is converted to UTC; a naive one is taken as UTC
+    paris = NOW.astimezone(timezone(timedelta(hours=1)))
+    assert make(tmp_path, now=paris, name="other").path.name == "other-20260102-030405"
+    assert make(tmp_path, now=NOW.replace(tzinfo=None), name="naive").path.name == "naive-20260102-030405"
+    # without `now`: the current UTC time
+    fresh = make(tmp_path, now=None, name="fresh")
+    stamp = datetime.strptime(fresh.path.name.removeprefix("fresh-"), "%Y%m%d-%H%M%S").replace(tzinfo=timezone.utc)
+    assert abs((datetime.now(timezone.utc) - stamp).total_seconds()) < 60
+
+
+def test_create_writes_config_as_given_and_resolved(tmp_path):
+    run = make(tmp_path)
+    assert (run.path / "config.yaml").read_bytes() == SPEC_TEXT.encode()
+    assert yaml.safe_load((run.path / "resolved.yaml").read_text()) == RESOLVED
+    assert RunDir.is_run_dir(run.path)
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+def test_a_crash_during_replace_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    run = make(tmp_path)
+    run.write_summary({"status": "running", "steps": 1})
+    run.append_metrics({"step": 1, "val_score": 0.5})
+    before = {p: p.read_bytes() for p in files_of(run.path)}
+
+    def crash(*args, **kwargs):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        run.write_summary({"status": "completed", "steps": 2})
+    with pytest.raises(OSError):
+        run.append_metrics({"step": 2, "val_score": 0.75})
+    with pytest.raises(OSError):
+        run.write_checkpoint({"step": 2})
+    monkeypatch.undo()
+
+    assert run.read_summary() == {"status": "running", "steps": 1}
+    assert run.read_metrics() == [{"step": 1, "val_score": 0.5}]
+    assert run.read_checkpoint() is None
+    assert {p: p.read_bytes() for p in files_of(run.path)} == before  # nothing new, nothing changed
+
+
+def test_a_crash_while_writing_the_data_leaves_the_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "out" / "file.json"
+    atomic_write_bytes(target, b'{"old": true}\n')
+    real_fsync = os.fsync
+    calls = []
+
+    def crash_mid_write(fd):  # the new bytes are in the temporary file, not yet durable
+        calls.append(fd)
+        raise OSError("power cut")
+
+    monkeypatch.setattr(os, "fsync", crash_mid_write)
+    with pytest.raises(OSError):
+        atomic_write_bytes(target, b'{"new": tr')
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert calls
+    assert json.loads(target.read_text()) == {"old": True}
+    assert [p.name for p in target.parent.iterdir()] == ["file.json"]
+
+
+def test_atomic_write_keeps_an_existing_files_mode(tmp_path):
+    target = tmp_path / "f.txt"
+    atomic_write_bytes(target, b"a")
+    assert (target.stat().st_mode & 0o777) == 0o644
+    target.chmod(0o600)
+    atomic_write_bytes(target, b"b")
+    assert target.read_bytes() == b"b" and (target.stat().st_mode & 0o777) == 0o600
+
+
+# ---------------------------------------------------------------- secrets
+
+
+@pytest.mark.parametrize("secret", ["sk-live-0123456789abcdef", 'key"with\\escapes\tand\u00e9'])
+def test_a_planted_secret_never_reaches_any_file(tmp_path, secret):
+    write(tmp_path / "spec.yaml", SPEC_TEXT + f"# oops: {secret}\n")
+    config = tmp_path / "spec.yaml"
+    with_secret = {"name": "tiny", "note": f"key={secret}", secret: "as a key", "list": [secret, (secret,)]}
+    run = RunDir.create(tmp_path / "runs", "tiny", config_path=config, resolved=with_secret,
+                        secrets=["", secret], now=NOW)
+    run.write_summary({"reason": f"auth failed for {secret}", "nested": {"k": [secret]}})
+    run.write_prompts({"instruction": f"Use {secret}\nplease"})
+    run.append_metrics({"step": 1, "error": secret})
+    run.append_metrics({"step": 2, "error": f"again {secret}"})
+    run.write_checkpoint({"messages": [{"content": secret}]})
+    run.write_traces(1, [{"feedback": f"the key is {secret}", "other": object()}])
+    run.truncate_after(1)
+    written = files_of(run.path)
+    assert {p.name for p in written} >= {"config.yaml", "resolved.yaml", "summary.json", "prompts.yaml",
+                                         "metrics.jsonl", "checkpoint.json", "step-0001.jsonl"}
+    escaped = json.dumps(secret)[1:-1]
+    for p in written:
+        data = p.read_bytes()
+        assert secret.encode() not in data, p
+        assert escaped.encode() not in data, p
+        assert b"***" in data, p
+    # still readable after scrubbing
+    assert run.read_summary()["reason"] == "auth failed for ***"
+    assert run.read_prompts() == {"instruction": "Use ***\nplease"}
+    assert [r["step"] for r in run.read_metrics()] == [1]
+
+
+def test_atomic_write_bytes_alone_does_not_scrub_but_runs_with_no_secrets_write_as_is(tmp_path):
+    run = make(tmp_path, secrets=[])
+    run.write_summary({"reason": "***-free text"})
+    assert run.read_summary() == {"reason": "***-free text"}
+
+
+# ---------------------------------------------------------------- contents
+
+
+def test_prompts_are_readable_yaml_blocks_and_round_trip(tmp_path):
+    run = make(tmp_path)
+    values = {
+        "instruction": "Count the objects.\nThen answer with `Answer: N`.",
+        "trailing": "line one\nline two\n",
+        "spaces": "trailing space \nnext",
+        "unicode": "Zähle die Äpfel — 🍎",
+        "braces": "Keep {{ this }} literal",
+        "empty": "",
+    }
+    run.write_prompts(values)
+    text = (run.path / "prompts.yaml").read_text(encoding="utf-8")
+    assert "instruction: |" in text and "  Count the objects.\n" in text
+    assert "Zähle die Äpfel — 🍎" in text
+    assert run.read_prompts() == values
+
+
+def test_summary_and_checkpoint_are_indented_json_in_given_order(tmp_path):
+    run = make(tmp_path)
+    assert run.read_checkpoint() is None and run.read_summary() == {}
+    summary = {"schema_version": 1, "name": "tiny", "status": "running", "best": {"step": 0, "val": None}, "é": "ü"}
+    run.write_summary(summary)
+    text = (run.path / "summary.json").read_text(encoding="utf-8")
+    assert text.startswith('{\n  "schema_version": 1,\n  "name": "tiny"') and '"é": "ü"' in text
+    assert list(run.read_summary()) == list(summary)
+    state = {"values": {"a": "x"}, "rng": [3, [1, 2, 3], None], "position": 7}
+    run.write_checkpoint(state)
+    assert run.read_checkpoint() == state
+
+
+def test_metrics_round_trip_and_truncate_after(tmp_path):
+    run = make(tmp_path)
+    assert run.read_metrics() == []
+    rows = [{"step": s, "epoch": 0, "batch_ids": [f"e{s}"], "val_score": s / 10, "proposals": []} for s in range(1, 5)]
+    for row in rows:
+        run.append_metrics(row)
+        run.write_traces(row["step"], [{"example_id": f"e{row['step']}", "node": "count", "feedback": "ok"}])
+    lines = (run.path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and all(json.loads(line) for line in lines)
+    assert run.read_metrics() == rows
+    assert run.trace_steps() == [1, 2, 3, 4]
+    assert (run.path / "traces" / "step-0003.jsonl").is_file()
+    assert run.read_traces(2) == [{"example_id": "e2", "node": "count", "feedback": "ok"}]
+    # a write interrupted before its replace left a temporary file behind
+    (run.path / ".metrics.jsonl.abc123.tmp").write_text('{"step": 5, "half')
+    run.truncate_after(2)
+    assert run.read_metrics() == rows[:2]
+    assert run.trace_steps() == [1, 2]
+    assert not (run.path / ".metrics.jsonl.abc123.tmp").exists()
+    run.append_metrics(rows[2])  # the resumed step is written again
+    assert run.read_metrics() == rows[:3]
+    run.truncate_after(0)
+    assert run.read_metrics() == [] and run.trace_steps() == []
+
+
+# ---------------------------------------------------------------- open
+
+
+def test_open_accepts_a_run_and_refuses_anything_else(tmp_path):
+    run = make(tmp_path)
+    assert RunDir.open(run.path, secrets=[]).path == run.path
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "half").mkdir()
+    write(tmp_path / "half" / "config.yaml", SPEC_TEXT)
+    write(tmp_path / "a-file.yaml", SPEC_TEXT)
+    for bad, got in ((tmp_path / "missing", "no such folder"), (tmp_path / "a-file.yaml", "a file"),
+                     (tmp_path / "empty", "without config.yaml and resolved.yaml"),
+                     (tmp_path / "half", "without resolved.yaml")):
+        with pytest.raises(UsageError) as info:
+            RunDir.open(bad, secrets=[])
+        err = info.value
+        assert err.exit_code == EXIT_USAGE
+        first = err.render().splitlines()[0]
+        assert first.startswith(f"error: {bad}: expected a run directory made by `autodiff train`"), first
+        assert got in first
+
+
+def test_runs_dir_that_is_a_file_is_a_usage_error(tmp_path):
+    write(tmp_path / "spec.yaml", SPEC_TEXT)
+    write(tmp_path / "runs", "not a folder")
+    with pytest.raises(UsageError):
+        RunDir.create(tmp_path / "runs", "tiny", config_path=tmp_path / "spec.yaml", resolved=RESOLVED, secrets=[])
