@@ -129,6 +129,33 @@ def export_prompts(run_dir: Path = typer.Argument(..., help="A run directory mad
     run_guarded(export_command, run_dir, format, output)
 
 
+# ---------------------------------------------------------------- train
+
+
+@app.command()
+def train(config: Path = typer.Argument(..., help="The pipeline spec (YAML)."),
+          runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories are made."),
+          resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run directory from its last completed step."),
+          dry_run: bool = typer.Option(False, "--dry-run", help="Project calls and tokens per role; call no model."),
+          concurrency: Optional[int] = typer.Option(None, "--concurrency", min=1, help="Calls in flight per model config."),
+          json_out: bool = typer.Option(False, "--json", help="Print summary.json's content before the run directory."),
+          no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the call cache."),
+          set_: Optional[List[str]] = SetOption) -> None:
+    """Optimize the trainable prompts: forward, textual backward, GDPO proposals, two-stage validation.
+
+    The last stdout line is the run directory.
+
+    Examples:
+      autodiff train configs/quickstart.yaml
+      autodiff train configs/object_count.yaml --set models.task.model=local/qwen2.5-coder-1.5b --dry-run
+      autodiff train configs/object_count.yaml --resume runs/object_count-20261124-101500
+    """
+    from .train_run import train_command
+
+    run_guarded(train_command, config, runs_dir=runs_dir, resume=resume, dry_run=dry_run, concurrency=concurrency,
+                json_out=json_out, no_cache=no_cache, overrides=set_ or [])
+
+
 # ---------------------------------------------------------------- data / cache / schema
 
 

@@ -25,7 +25,7 @@ from typing import Any, Callable
 from .compiler import Program
 from .data.loaders import Example
 from .engine import score as score_trace
-from .errors import BudgetExhausted, ErrorRateExceeded
+from .errors import BudgetExhausted, ErrorRateExceeded, ModelCallError
 from .evaluate import EvalReport, evaluate
 from .grad.backward import BackwardEngine, Gradient, canonical
 from .grad.loss import Evaluation, evaluate_loss, llm_evaluation
@@ -219,8 +219,7 @@ class Trainer:
             self.on_phase("propose", {"step": step, "proposal": attempt + 1})
             changing = targets if self.cfg.propose == "joint" else [targets[attempt % len(targets)]]
             proposals = await asyncio.gather(*(
-                gdpo.propose(self.client, self.optimizer_model,
-                             self._request(state, p, gradients, subset, evaluations, failed_proposals))
+                self._propose(self._request(state, p, gradients, subset, evaluations, failed_proposals))
                 for p in changing))
             trace_rows += [{"kind": "proposal", "step": step, "attempt": attempt + 1, "param": p.param,
                             "value": p.value, "method": p.method, "reason": p.reason, "raw": p.raw} for p in proposals]
@@ -307,6 +306,12 @@ class Trainer:
             history=[gdpo.HistoryEntry(h["step"], h["values"], h["val_score"]) for h in history],
             failed=list(failed), feedback=feedback, samples=samples, constraints=list(self.spec.constraints),
             steps_since_improvement=state.steps_since_improvement, mode=self.cfg.mode)
+
+    async def _propose(self, request: gdpo.ProposalRequest) -> gdpo.Proposal:
+        try:
+            return await gdpo.propose(self.client, self.optimizer_model, request)
+        except ModelCallError as e:  # counted in usage; this attempt just has no proposal
+            return gdpo.Proposal(request.param.name, None, f"optimizer call failed: {e.message}", None, "")
 
     async def _subset_score(self, subset: list[PoolEntry], values: dict[str, str]) -> float | None:
         report = await evaluate(self.program, [e.example for e in subset], values, self.client)

@@ -142,7 +142,7 @@ def test_a_planted_secret_never_reaches_any_file(tmp_path, secret):
     assert [r["step"] for r in run.read_metrics()] == [1]
 
 
-def test_atomic_write_bytes_alone_does_not_scrub_but_runs_with_no_secrets_write_as_is(tmp_path):
+def test_without_secrets_text_is_written_as_is(tmp_path):
     run = make(tmp_path, secrets=[])
     run.write_summary({"reason": "***-free text"})
     assert run.read_summary() == {"reason": "***-free text"}

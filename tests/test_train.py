@@ -1,0 +1,198 @@
+"""`autodiff train` end to end with the scripted fake model: gradients, proposals, validation,
+run directory, budget, interrupt and resume, export."""
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from autodiff_cli.cli import app
+from autodiff_cli.llm.fake import reset_fake_state
+
+from .conftest import write
+
+# Roles are told apart by their system prompts; the task model answers right only when its
+# instruction says ALWAYS ADD (or when the answer is 1).
+SCRIPT = r"""
+rules:
+  - match: "backward engine"
+    in: system
+    reply: '{"instruction": "The instruction never says to add the counts: it should tell the model to ALWAYS ADD them."}'
+  - match: "read by a program"
+    in: system
+    reply: '{"reasoning": "Feedback says to add.", "method": "add_instruction", "new_value": "%(new)s"}'
+  - match: 'ALWAYS ADD[\s\S]*n=(\d+)'
+    in: all
+    reply: "Sum is {1}. Answer: {1}"
+  - match: 'n=1\b'
+    reply: "Answer: 1"
+default: "Answer: 0"
+"""
+
+SPEC = """
+name: toy
+models:
+  task: {model: fake/script.yaml}
+  backward: {model: fake/script.yaml}
+  optimizer: {model: fake/script.yaml}
+data:
+  train: train.jsonl
+  val: val.jsonl
+  test: test.jsonl
+params:
+  instruction: {value: "Count the things.", role: task instruction}
+  answer_format: {value: "End with Answer: N", role: output format, trainable: false}
+nodes:
+  count: {kind: llm, system: "{{ instruction }} {{ answer_format }}", user: "{{ input.question }}"}
+  parse: {kind: function, fn: last_integer, args: {text: count}}
+output: parse
+metric: {fn: exact_match, args: {pred: parse, target: input.answer}}
+train: {max_steps: 2, batch_size: 4, max_proposals: 2, max_error_samples: 2, max_correct_samples: 1, seed: 0}
+"""
+
+
+def rows(prefix, ns):
+    return [{"id": f"{prefix}{i}", "question": f"How many? n={n}", "answer": str(n)} for i, n in enumerate(ns)]
+
+
+@pytest.fixture(autouse=True)
+def fresh_fake():
+    reset_fake_state()
+
+
+def setup(tmp_path: Path, new_value="Count the things. ALWAYS ADD the counts.", spec=SPEC):
+    write(tmp_path / "script.yaml", SCRIPT % {"new": new_value})
+    for name, ns in (("train", [1, 2, 3, 1, 4, 5, 1, 2]), ("val", [1, 2, 3, 4]), ("test", [1, 6, 7])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(name, ns)))
+    return write(tmp_path / "spec.yaml", spec)
+
+
+def train(tmp_path, *args):
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "spec.yaml"), "--runs-dir", str(tmp_path / "runs"),
+                                      *map(str, args)])
+    run_dir = Path(result.stdout.strip().splitlines()[-1]) if result.stdout.strip() else None
+    return result, run_dir
+
+
+def test_gradient_proposal_and_acceptance_fill_the_run_directory(tmp_path):
+    setup(tmp_path)
+    result, run = train(tmp_path)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["initial"] == {"val": 0.25, "test": pytest.approx(1 / 3)}
+    assert summary["best"] == {"step": 1, "val": 1.0, "test": 1.0}
+    assert summary["proposals"] == {"tried": 1, "passed_subset": 1, "accepted": 1}
+    assert set(summary["usage"]) == {"task", "backward", "optimizer", "teacher"}
+    assert summary["models"]["backward"] == "fake/script.yaml"
+    prompts = yaml.safe_load((run / "prompts.yaml").read_text())
+    assert prompts["instruction"] == "Count the things. ALWAYS ADD the counts."
+    assert prompts["answer_format"] == "End with Answer: N"  # not trainable: untouched
+
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    first = metrics[0]
+    assert {"step", "epoch", "batch_ids", "batch_score", "subset_score", "proposals", "val_score", "best_val",
+            "usage", "wall_seconds"} <= set(first)
+    assert first["proposals"][0]["accepted"] is True and first["val_score"] == 1.0
+    # selective gradients: one backward call per failed example of the subset, none for correct ones
+    failed_in_subset = [i for i in first["subset_ids"] if not i.endswith(("0", "3"))]  # n=1 rows are right
+    assert first["usage"]["backward"]["calls"] == len(failed_in_subset) == 2
+    grads = [json.loads(x) for x in (run / "traces" / "step-0001.jsonl").read_text().splitlines()]
+    grad_rows = [g for g in grads if g["kind"] == "gradient"]
+    assert {g["target"] for g in grad_rows} == {"param:instruction", "call:count#0"}
+    assert all({"example_id", "node", "call_index", "target", "feedback", "score"} <= set(g) for g in grad_rows)
+    # the parse node passed the loss evaluation unchanged to the count call
+    passed = [g for g in grad_rows if g["target"] == "call:count#0"]
+    assert all(g["node"] == "parse" and "wrong" in g["feedback"] for g in passed)
+    # step 2: everything is right now, so the step is skipped at no backward cost
+    assert metrics[1]["skipped"] and metrics[1]["usage"]["backward"]["calls"] == 0
+    checkpoint = json.loads((run / "checkpoint.json").read_text())
+    assert checkpoint["state"]["step"] == 2
+
+    baked = tmp_path / "baked.yaml"
+    assert CliRunner().invoke(app, ["export-prompts", str(run), "--format", "config", "-o", str(baked)]).exit_code == 0
+    again = CliRunner().invoke(app, ["eval", str(baked), "--json"])
+    assert json.loads(again.stdout.strip().splitlines()[-1])["score"] == summary["best"]["val"]
+
+
+def test_a_proposal_that_does_not_help_is_reverted(tmp_path):
+    setup(tmp_path, new_value="Count the things slowly.")
+    result, run = train(tmp_path)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best"]["step"] == 0 and summary["proposals"]["accepted"] == 0
+    assert yaml.safe_load((run / "prompts.yaml").read_text())["instruction"] == "Count the things."
+    step1 = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    first, second = step1["proposals"]
+    assert first["accepted"] is False and "subset score" in first["reason"]
+    # the same text again is refused before any scoring
+    assert second["params"] == {} and "failed proposal" in second["reason"]
+
+
+def test_no_gradient_mode_makes_no_backward_call(tmp_path):
+    setup(tmp_path, spec=SPEC.replace("seed: 0}", "seed: 0, mode: no_gradient}"))
+    result, run = train(tmp_path)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["usage"]["backward"]["calls"] == 0 and summary["usage"]["optimizer"]["calls"] >= 1
+    assert summary["best"]["val"] == 1.0
+
+
+def test_budget_stops_the_run_with_exit_4(tmp_path):
+    setup(tmp_path, spec=SPEC.replace("seed: 0}", "seed: 0, budget: {max_calls: 6}}"))
+    result, run = train(tmp_path, "--no-cache")
+    assert result.exit_code == 4, result.output
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "budget_exhausted" and "max_calls" in summary["reason"]
+    total = sum(u["calls"] for u in summary["usage"].values())
+    assert total <= 6
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+    setup(tmp_path, spec=SPEC.replace("max_steps: 2", "max_steps: 3, epochs: 2").replace("max_proposals: 2", "max_proposals: 1"))
+    _, straight = train(tmp_path)
+    reference = json.loads((straight / "summary.json").read_text())
+
+    from autodiff_cli import trainer as trainer_module
+
+    original = trainer_module.Trainer.step
+    calls = {"n": 0}
+
+    async def interrupting_step(self, state, step):
+        if step == 2 and calls["n"] == 0:
+            calls["n"] += 1
+            raise asyncio.CancelledError()
+        return await original(self, state, step)
+
+    monkeypatch.setattr(trainer_module.Trainer, "step", interrupting_step)
+    result, run = train(tmp_path)
+    assert result.exit_code == 130
+    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
+    assert json.loads((run / "checkpoint.json").read_text())["state"]["step"] == 1
+    resumed, same_run = train(tmp_path, "--resume", run)
+    assert resumed.exit_code == 0, resumed.output
+    assert same_run == run
+    final = json.loads((run / "summary.json").read_text())
+    assert final["status"] == "completed" and final["steps"] == reference["steps"] == 3
+    assert final["best"] == reference["best"]
+    assert (run / "prompts.yaml").read_text() == (straight / "prompts.yaml").read_text()
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    setup(tmp_path)
+    _, run = train(tmp_path)
+    result, _ = train(tmp_path, "--resume", run, "--set", "train.max_steps=5")
+    assert result.exit_code == 2 and "resolved.yaml" in result.stderr
+
+
+def test_dry_run_calls_nothing(tmp_path):
+    setup(tmp_path)
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "spec.yaml"), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "backward" in result.stdout and not (tmp_path / "runs").exists()
