@@ -148,6 +148,7 @@ class Compiler:
         self.input_fields: set[str] = set()
         self.used_params: set[str] = set()
         self.graph = nx.DiGraph()
+        self.loop_names: set[str] = set()
         self.state_stack: list[set[str]] = []  # state keys of the loops being compiled, innermost last
         self.loop_states: dict[str, set[str]] = {}  # loop name -> its state keys (its output's fields)
 
@@ -458,6 +459,10 @@ class Compiler:
         for i, skip in enumerate(self.spec.skip):
             if skip.from_ != "loss" and skip.from_ not in all_names:
                 raise self.err(("skip", i, "from"), expected="`loss` or a node name", got=repr(skip.from_))
+            if skip.from_ in self.loop_names:
+                # a loop leaves no call of its own in the trace: name the body node instead
+                raise self.err(("skip", i, "from"), expected="`loss` or an llm/function node (inside a loop body too)",
+                               got=f"the loop `{skip.from_}`")
             if skip.to not in self.spec.params:
                 raise self.err(("skip", i, "to"), expected="a param name", got=repr(skip.to))
             if not self.spec.params[skip.to].trainable:
@@ -470,6 +475,7 @@ class Compiler:
             for n, s in nodes.items():
                 names.append(n)
                 if isinstance(s, LoopNode):
+                    self.loop_names.add(n)
                     walk(s.body)
 
         walk(self.spec.nodes)

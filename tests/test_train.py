@@ -21,7 +21,7 @@ SCRIPT = r"""
 rules:
   - match: "backward engine"
     in: system
-    reply: '{"instruction": "The instruction never says to add the counts: it should tell the model to ALWAYS ADD them."}'
+    reply: '{"diagnosis": "It did not add.", "param: instruction": "The instruction never says to add the counts: it should tell the model to ALWAYS ADD them."}'
   - match: "read by a program"
     in: system
     reply: '{"reasoning": "Feedback says to add.", "method": "add_instruction", "new_value": "%(new)s"}'
@@ -196,3 +196,29 @@ def test_dry_run_calls_nothing(tmp_path):
     result = CliRunner().invoke(app, ["train", str(tmp_path / "spec.yaml"), "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "backward" in result.stdout and not (tmp_path / "runs").exists()
+
+
+def test_moving_batch_accumulates_failures_until_an_update_is_accepted(tmp_path):
+    setup(tmp_path, new_value="Count the things slowly.",
+          spec=SPEC.replace("max_error_samples: 2", "max_error_samples: 10").replace("max_correct_samples: 1", "max_correct_samples: 10"))
+    result, run = train(tmp_path)
+    assert result.exit_code == 0, result.output
+    step1, step2 = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert set(step1["subset_ids"]) == set(step1["batch_ids"])
+    # nothing was accepted at step 1, so step 2 backpropagates both minibatches
+    assert set(step2["subset_ids"]) == set(step1["batch_ids"]) | set(step2["batch_ids"])
+
+
+def test_stage_two_rejects_a_proposal_that_only_helps_the_subset(tmp_path):
+    setup(tmp_path)
+    # validation questions use another format that the improved instruction does not fix
+    (tmp_path / "val.jsonl").write_text("".join(
+        json.dumps({"id": f"v{i}", "question": f"How many? k={n}", "answer": str(n)}) + "\n" for i, n in enumerate([2, 3])))
+    result, run = train(tmp_path)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["proposals"]["passed_subset"] >= 1 and summary["proposals"]["accepted"] == 0
+    step1 = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert step1["proposals"][0]["subset_score"] > step1["subset_score"]
+    assert "validation" in step1["proposals"][0]["reason"]
+    assert yaml.safe_load((run / "prompts.yaml").read_text())["instruction"] == "Count the things."

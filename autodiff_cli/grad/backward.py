@@ -27,7 +27,7 @@ from .loss import Evaluation, _short
 
 log = logging.getLogger("autodiff.backward")
 
-NO_CHANGE = "no change needed"
+NO_CHANGE = re.compile(r"\bno changes? (?:is |are )?needed\b", re.I)  # "No change needed." and variants
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,11 @@ class BackwardResult:
     parse_failures: int = 0
 
 
+DIAGNOSIS = "diagnosis"
+
+
 def _param_key(name: str) -> str:
-    return name
+    return f"param: {name}"
 
 
 def _input_key(name: str) -> str:
@@ -80,6 +83,13 @@ def parse_json_object(text: str) -> dict | None:
             value = json.loads(candidate)
         except ValueError:
             continue
+        if isinstance(value, dict):
+            return value
+    if start >= 0:  # an object followed by prose or a second object that holds braces
+        try:
+            value, _ = json.JSONDecoder().raw_decode(text, start)
+        except ValueError:
+            return None
         if isinstance(value, dict):
             return value
     return None
@@ -168,16 +178,23 @@ class BackwardEngine:
         msgs = metaprompts.messages("backward_llm", call_id=call.id, node=call.node, example_id=trace.example_id,
                                     iteration=call.iteration, messages=call.messages or [], output=_short(call.output),
                                     feedback=feedback, node_params=node_params, keys=keys)
-        reply = await self._ask(msgs, [k["key"] for k in keys], result, call)
+        reply = await self._ask(msgs, [k["key"] for k in keys], result, call, diagnose=True)
         if reply is None:
             return
-        for p in params:
-            text = reply.get(_param_key(p), "")
-            if text and NO_CHANGE not in text.lower():
-                result.gradients.append(self._gradient(trace, ev, call, f"param:{p}", text))
+        diagnosis = reply.get(DIAGNOSIS, "")
+        blamed = {p: reply.get(_param_key(p), "") for p in params}
+        blamed = {p: t for p, t in blamed.items() if t and not NO_CHANGE.search(t)}
+        upstream_blamed = any(not NO_CHANGE.search(reply.get(_input_key(n), "no change needed")) for n in upstream)
+        if not blamed and diagnosis and not upstream_blamed:
+            # small models often diagnose the mistake yet blame nothing; the diagnosis still
+            # tells the optimizer what went wrong, so every trainable param of the call gets it
+            blamed = {p: "" for p in params}
+        for p, text in blamed.items():
+            text = f"{text} (Diagnosis: {diagnosis})" if text and diagnosis else (text or f"Diagnosis: {diagnosis}")
+            result.gradients.append(self._gradient(trace, ev, call, f"param:{p}", text))
         for name, value in upstream.items():
             text = reply.get(_input_key(name), "")
-            if text and NO_CHANGE not in text.lower():
+            if text and not NO_CHANGE.search(text):
                 for source in value.sources:
                     received[source].append((order, text))
                     result.gradients.append(self._gradient(trace, ev, call, f"call:{source}", text))
@@ -194,11 +211,15 @@ class BackwardEngine:
         if reply is None:
             return {}
         return {n: reply[_input_key(n)] for n in sources
-                if reply.get(_input_key(n)) and NO_CHANGE not in reply[_input_key(n)].lower()}
+                if reply.get(_input_key(n)) and not NO_CHANGE.search(reply[_input_key(n)])}
 
-    async def _ask(self, msgs: list[dict], keys: list[str], result: BackwardResult, call: Call) -> dict[str, str] | None:
-        schema = {"type": "object", "properties": {k: {"type": "string"} for k in keys},
-                  "required": keys, "additionalProperties": False}
+    async def _ask(self, msgs: list[dict], keys: list[str], result: BackwardResult, call: Call,
+                   diagnose: bool = False) -> dict[str, str] | None:
+        # the diagnosis comes first so the model reasons before it assigns blame
+        properties = {DIAGNOSIS: {"type": "string", "maxLength": 600}} if diagnose else {}
+        properties.update({k: {"type": "string", "maxLength": 800} for k in keys})
+        schema = {"type": "object", "properties": properties, "required": list(properties),
+                  "additionalProperties": False}
         try:
             reply = await self.client.complete(self.model_name, msgs, role="backward", json_schema=schema)
         except ModelCallError as e:
@@ -210,7 +231,7 @@ class BackwardEngine:
             log.warning("backward reply for %s is not a JSON object; no gradient from it", call.id)
             result.parse_failures += 1
             return None
-        return {k: str(v).strip() for k, v in data.items() if k in keys and v is not None}
+        return {k: str(v).strip() for k, v in data.items() if (k in keys or k == DIAGNOSIS) and v is not None}
 
     @staticmethod
     def _gradient(trace: Trace, ev: Evaluation, call: Call, target: str, text: str) -> Gradient:

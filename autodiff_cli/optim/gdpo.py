@@ -33,7 +33,9 @@ METHODS = ("add_instruction", "add_example", "rephrase", "simplify")
 PROPOSAL_SCHEMA: dict = {
     "type": "object",
     "properties": {
-        "reasoning": {"type": "string"},
+        # a length cap keeps small local models from looping in the reasoning until max_tokens
+        # (large caps make llama.cpp grammars deep enough to crash; keep it small)
+        "reasoning": {"type": "string", "maxLength": 600},
         "method": {"type": "string", "enum": list(METHODS)},
         "new_value": {"type": "string"},
     },
