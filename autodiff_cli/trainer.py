@@ -215,53 +215,65 @@ class Trainer:
 
         accepted = False
         failed_proposals: list[gdpo.FailedProposal] = []
-        for attempt in range(self.cfg.max_proposals):
-            self.on_phase("propose", {"step": step, "proposal": attempt + 1})
-            changing = targets if self.cfg.propose == "joint" else [targets[attempt % len(targets)]]
+        for attempt in range(1, self.cfg.max_proposals + 1):
+            self.on_phase("propose", {"step": step, "proposal": attempt})
+            changing = targets if self.cfg.propose == "joint" else [targets[(attempt - 1) % len(targets)]]
             proposals = await asyncio.gather(*(
                 self._propose(self._request(state, p, gradients, subset, evaluations, failed_proposals))
                 for p in changing))
-            trace_rows += [{"kind": "proposal", "step": step, "attempt": attempt + 1, "param": p.param,
+            trace_rows += [{"kind": "proposal", "step": step, "attempt": attempt, "param": p.param,
                             "value": p.value, "method": p.method, "reason": p.reason, "raw": p.raw} for p in proposals]
             new = {p.param: p.value for p in proposals if p.value is not None}
-            record = {"params": new, "subset_score": None, "val_score": None, "accepted": False, "reason": ""}
-            row["proposals"].append(record)
-            if not new:
-                record["reason"] = "no usable proposal: " + "; ".join(p.reason for p in proposals)
-                continue
-            state.proposals["tried"] += 1
-            candidate = {**state.values, **new}
-            self.on_phase("validate", {"step": step, "proposal": attempt + 1, "stage": "subset"})
-            sub = await self._subset_score(subset, candidate)
-            record["subset_score"] = sub
-            if sub is None or not (sub > subset_score or (subset_score == 1.0 and sub == 1.0)):
-                record["reason"] = f"subset score {_fmt(sub)} does not beat {_fmt(subset_score)}"
-                failed_proposals.append(gdpo.FailedProposal(new, sub, None, record["reason"]))
-                continue
-            state.proposals["passed_subset"] += 1
-            self.on_phase("validate", {"step": step, "proposal": attempt + 1, "stage": "validation"})
-            report = await self.validate(candidate, above=state.best_val)
-            if report.stopped_early:
-                record["reason"] = f"validation stopped early: cannot beat best {_fmt(state.best_val)}"
-            elif report.errors:
-                record["reason"] = f"validation has {report.errors} examples with call errors"
-            elif report.score is not None and (state.best_val is None or report.score > state.best_val):
-                record.update(val_score=report.score, accepted=True, reason="beats the best validation score")
-                state.values = candidate
-                state.best_val, state.best_step = report.score, step
-                state.history.append({"step": step, "values": dict(candidate), "val_score": report.score})
-                state.proposals["accepted"] += 1
-                accepted = True
-                row["val_score"] = report.score
-                # the moving batch restarts from the new values
-                state.failed_pool, state.correct_pool = [], []
-                self.pools.clear()
-                break
+            if new:
+                record = await self._judge(state, step, attempt, new, subset, subset_score)
             else:
-                record["val_score"] = report.score
-                record["reason"] = f"validation {_fmt(report.score)} does not beat best {_fmt(state.best_val)}"
-            failed_proposals.append(gdpo.FailedProposal(new, sub, record["val_score"], record["reason"]))
+                record = {"params": {}, "subset_score": None, "val_score": None, "accepted": False,
+                          "reason": "no usable proposal: " + "; ".join(p.reason for p in proposals)}
+            row["proposals"].append(record)
+            self.on_phase("proposal", {"step": step, "proposal": attempt, "accepted": record["accepted"],
+                                       "why": record["reason"]})
+            if record["accepted"]:
+                accepted = True
+                row["val_score"] = record["val_score"]
+                break
+            if new:
+                failed_proposals.append(gdpo.FailedProposal(new, record["subset_score"], record["val_score"],
+                                                            record["reason"]))
         return self._finish_row(state, row, usage_before, started, accepted), trace_rows
+
+    async def _judge(self, state: TrainState, step: int, attempt: int, new: dict[str, str],
+                     subset: list[PoolEntry], subset_score: float) -> dict:
+        """Two-stage validation of one proposal; on acceptance commits it to `state`."""
+        record = {"params": new, "subset_score": None, "val_score": None, "accepted": False, "reason": ""}
+        state.proposals["tried"] += 1
+        candidate = {**state.values, **new}
+        self.on_phase("validate", {"step": step, "proposal": attempt, "stage": "subset"})
+        sub = record["subset_score"] = await self._subset_score(subset, candidate)
+        # stage 1: strictly better on the backpropagated subset (equal only if it was already perfect)
+        if sub is None or not (sub > subset_score or (subset_score == 1.0 and sub == 1.0)):
+            record["reason"] = f"subset score {_fmt(sub)} does not beat {_fmt(subset_score)}"
+            return record
+        state.proposals["passed_subset"] += 1
+        self.on_phase("validate", {"step": step, "proposal": attempt, "stage": "validation"})
+        # stage 2: strictly better than the best validation score; stops once it cannot win
+        report = await self.validate(candidate, above=state.best_val)
+        if report.stopped_early:
+            record["reason"] = f"validation stopped early: cannot beat best {_fmt(state.best_val)}"
+        elif report.errors:
+            record["reason"] = f"validation has {report.errors} examples with call errors"
+        elif report.score is not None and (state.best_val is None or report.score > state.best_val):
+            record.update(val_score=report.score, accepted=True, reason="beats the best validation score")
+            state.values = candidate
+            state.best_val, state.best_step = report.score, step
+            state.history.append({"step": step, "values": dict(candidate), "val_score": report.score})
+            state.proposals["accepted"] += 1
+            # the moving batch restarts from the new values
+            state.failed_pool, state.correct_pool = [], []
+            self.pools.clear()
+        else:
+            record["val_score"] = report.score
+            record["reason"] = f"validation {_fmt(report.score)} does not beat best {_fmt(state.best_val)}"
+        return record
 
     def _finish_row(self, state: TrainState, row: dict, usage_before, started: float, accepted: bool) -> dict:
         state.steps_since_improvement = 0 if accepted else state.steps_since_improvement + 1

@@ -324,3 +324,9 @@ def test_propose_rejections(client, name, reason):
 def test_leak_in_current_value_does_not_block_proposals(client):
     proposal = run_propose(client, "leaky", value="Old value. " + LEAKED.split(". ", 1)[1])
     assert proposal.value == LEAKED
+
+
+def test_value_delimiters_copied_from_the_meta_prompt_are_dropped():
+    value, method, _ = parse_proposal('{"reasoning": "r", "method": "rephrase", "new_value": "<VALUE>Think step by step.</VALUE>"}')
+    assert (value, method) == ("Think step by step.", "rephrase")
+    assert parse_proposal('{"reasoning": "r", "method": "rephrase", "new_value": "<VALUE></VALUE>"}')[0] is None

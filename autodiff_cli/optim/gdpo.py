@@ -240,9 +240,10 @@ def parse_proposal(raw: str) -> tuple[str | None, str | None, str]:
         value = chosen["new_value"]
         if not isinstance(value, str):
             return None, method, f"`new_value` is not text (got {type(value).__name__})"
-        if not value.strip():
+        value = _unwrap(value)
+        if not value:
             return None, method, "the proposed value is empty"
-        return value.strip(), method, reasoning
+        return value, method, reasoning
     block = _NEW_VALUE_BLOCK.search(raw or "")
     if block is not None:
         value = block.group(1).strip()
@@ -252,6 +253,14 @@ def parse_proposal(raw: str) -> tuple[str | None, str | None, str]:
     if objects:
         return None, _method(objects[0].get("method")), "the reply's JSON object has no `new_value`"
     return None, None, "unparseable reply: no JSON object with `new_value` and no <NEW_VALUE> block"
+
+
+_VALUE_TAG = re.compile(r"^\s*<VALUE>\s*|\s*</VALUE>\s*$", re.I)
+
+
+def _unwrap(value: str) -> str:
+    """Drop the <VALUE> delimiters the meta-prompt shows values in, if the model copied them."""
+    return _VALUE_TAG.sub("", value.strip()).strip()
 
 
 def _json_objects(text: str) -> list[dict]:

@@ -221,4 +221,10 @@ def unbuilt_keys(spec: Spec) -> list[tuple[tuple, str]]:
     for name, p in spec.params.items():
         if p.kind == "demos":
             found.append((("params", name, "kind"), "few-shot demo parameters"))
+    if spec.train.demos != "off":
+        found.append((("train", "demos"), "demo schedules"))
+    if spec.train.teacher is not None:
+        found.append((("train", "teacher"), "demo bootstrapping with a teacher"))
+    if spec.train.mode == "textgrad":
+        found.append((("train", "mode"), "the textgrad baseline mode"))
     return found
