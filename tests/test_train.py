@@ -222,3 +222,71 @@ def test_stage_two_rejects_a_proposal_that_only_helps_the_subset(tmp_path):
     assert step1["proposals"][0]["subset_score"] > step1["subset_score"]
     assert "validation" in step1["proposals"][0]["reason"]
     assert yaml.safe_load((run / "prompts.yaml").read_text())["instruction"] == "Count the things."
+
+
+def test_llm_feedback_asks_the_backward_engine_to_explain_the_loss(tmp_path):
+    spec = SPEC.replace("metric: {fn: exact_match, args: {pred: parse, target: input.answer}}",
+                        "metric: {fn: exact_match, args: {pred: parse, target: input.answer}}\n"
+                        "loss: {fn: exact_match, args: {pred: parse, target: input.answer}, feedback: llm}")
+    setup(tmp_path, spec=spec)
+    script = (tmp_path / "script.yaml").read_text().replace(
+        "rules:\n", "rules:\n  - match: 'You evaluate the final output'\n    in: system\n    reply: 'It forgot to add.'\n")
+    (tmp_path / "script.yaml").write_text(script)
+    result, run = train(tmp_path, "--set", "train.max_steps=1")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(x) for x in (run / "traces" / "step-0001.jsonl").read_text().splitlines()]
+    passed = [r for r in rows if r["kind"] == "gradient" and r["target"] == "call:count#0"]
+    assert passed and all("It forgot to add." in r["feedback"] for r in passed)
+    usage = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["usage"]["backward"]
+    assert usage["calls"] == 2 * 2  # per failed example: one loss explanation + one backward call
+
+
+def test_one_at_a_time_changes_one_param_per_proposal(tmp_path):
+    spec = SPEC.replace("trainable: false", "trainable: true").replace("seed: 0}", "seed: 0, propose: one_at_a_time}")
+    setup(tmp_path, spec=spec)
+    script = (tmp_path / "script.yaml").read_text().replace(
+        '"param: instruction": ', '"param: answer_format": "Say it differently.", "param: instruction": ')
+    (tmp_path / "script.yaml").write_text(script)
+    result, run = train(tmp_path, "--set", "train.max_steps=1")
+    assert result.exit_code == 0, result.output
+    proposals = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["proposals"]
+    assert all(len(p["params"]) <= 1 for p in proposals)
+
+
+def test_patience_ends_the_run_early(tmp_path):
+    setup(tmp_path, new_value="Count the things slowly.",
+          spec=SPEC.replace("max_steps: 2", "max_steps: 4, epochs: 2, patience: 1"))
+    result, run = train(tmp_path)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 1 and "patience" in summary["reason"]
+
+
+def test_sigterm_interrupts_cleanly_and_the_run_resumes(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    # proposals never help here, so every step runs backward and two proposals: slow enough to interrupt
+    setup(tmp_path, new_value="Count the things slowly.", spec=SPEC.replace("max_steps: 2", "max_steps: 3, epochs: 2"))
+    (tmp_path / "script.yaml").write_text((tmp_path / "script.yaml").read_text() + "latency: 0.3\n")
+    cmd = [sys.executable, "-m", "autodiff_cli.cli", "train", str(tmp_path / "spec.yaml"),
+           "--runs-dir", str(tmp_path / "runs")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    deadline = time.time() + 60
+    while time.time() < deadline and not list((tmp_path / "runs").glob("*/metrics.jsonl")):
+        time.sleep(0.1)  # wait until step 1 is written, then interrupt step 2
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    run = Path(out.strip().splitlines()[-1])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and "Traceback" not in err
+    done_steps = json.loads((run / "checkpoint.json").read_text())["state"]["step"]
+    assert done_steps >= 1  # the step in progress was abandoned, the completed ones kept
+    resumed = subprocess.run(cmd + ["--resume", str(run)], capture_output=True, text=True, env=os.environ.copy())
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
