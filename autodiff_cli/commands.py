@@ -141,7 +141,7 @@ def _print_eval_table(result: dict, report) -> None:
     console = Console(no_color=not sys.stdout.isatty(), highlight=False, soft_wrap=True)
     score = "-" if result["score"] is None else f"{result['score']:.4f}"
     console.print(f"{result['name']} [{result['split']}]: score {score} on {result['completed']}/{result['n']} examples"
-                  f" ({result['errors']} errors) in {result['wall_seconds']:.1f}s")
+                  f" ({result['errors']} errors) in {result['wall_seconds']:.1f}s", markup=False)
     table = Table(title=None, show_edge=False)
     for col in ("role", "calls", "cached", "errors", "prompt tok", "completion tok", "cost $"):
         table.add_column(col, justify="right" if col != "role" else "left")

@@ -15,6 +15,18 @@ def stderr_is_tty() -> bool:
     return sys.stderr.isatty()
 
 
+def setup_logging() -> None:
+    """Warnings of the `autodiff.*` loggers (unparsed replies, failed backward calls) as log lines."""
+    import logging
+
+    logger = logging.getLogger("autodiff")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[%(asctime)s] %(levelname)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.WARNING)
+
+
 def log(message: str) -> None:
     stamp = datetime.now(timezone.utc).strftime("%H:%M:%S")
     print(f"[{stamp}] {message}", file=sys.stderr, flush=True)
@@ -38,7 +50,9 @@ def progress(label: str, total: int, enabled: bool = True, bar: bool = True) -> 
                        TextColumn("score {task.fields[score]} errors {task.fields[errors]}"),
                        TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=True)
         with display:
-            task = display.add_task(label, total=total, score="-", errors=0)
+            from rich.markup import escape
+
+            task = display.add_task(escape(label), total=total, score="-", errors=0)
 
             def update(done: int, total_: int, errors: int, score: float | None) -> None:
                 display.update(task, completed=done, score=_fmt_score(score), errors=errors)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import typer
 
-from .console import log
+from .console import log, setup_logging
 from .errors import (EXIT_BUDGET, EXIT_INTERRUPTED, EXIT_MODEL_ERRORS, BudgetExhausted, ErrorRateExceeded,
                      UsageError)
 
@@ -59,6 +59,7 @@ def train_command(config: Path, *, runs_dir: Path, resume: Path | None, dry_run:
     from .rundir import RunDir
     from .trainer import BudgetGate, Trainer, TrainState
 
+    setup_logging()
     p = load_pipeline(config, overrides)
     spec = p.spec
     names = split_names(p.loaded)

@@ -216,8 +216,8 @@ class BackwardEngine:
     async def _ask(self, msgs: list[dict], keys: list[str], result: BackwardResult, call: Call,
                    diagnose: bool = False) -> dict[str, str] | None:
         # the diagnosis comes first so the model reasons before it assigns blame
-        properties = {DIAGNOSIS: {"type": "string", "maxLength": 600}} if diagnose else {}
-        properties.update({k: {"type": "string", "maxLength": 800} for k in keys})
+        properties = {DIAGNOSIS: {"type": "string", "maxLength": 500}} if diagnose else {}
+        properties.update({k: {"type": "string", "maxLength": 600} for k in keys})
         schema = {"type": "object", "properties": properties, "required": list(properties),
                   "additionalProperties": False}
         try:

@@ -21,7 +21,7 @@ from autodiff_cli.errors import ModelNotFound
 from autodiff_cli.llm.cache import cache_root, ensure_private_dir
 
 N_CTX = 8192
-DEFAULT_MAX_TOKENS = 512
+DEFAULT_MAX_TOKENS = 1024
 SMOLLM2_FILE = "smollm2-135m-instruct-q4_1.gguf"
 SMOLLM2_PACKAGED = "SmolLM2-135M-Instruct.Q4_1.gguf"
 QWEN_FILE = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
