@@ -29,6 +29,7 @@ from autodiff_cli.prompts_io import initial_values
 from autodiff_cli.spec.loader import load_spec
 
 from .conftest import write
+from .specs import COUNT_PIPELINE
 from .test_gdpo import as_text, check_golden
 
 MODELS = """
@@ -138,17 +139,7 @@ def rows(result) -> list[tuple]:
 
 # ------------------------------------------------------------------ 1. llm -> function chain
 
-CHAIN = MODELS + """
-name: chain
-params:
-  instruction: {value: "Count the things.", role: task instruction}
-  answer_format: {value: "End with Answer: N", role: output format, trainable: false}
-nodes:
-  count: {kind: llm, system: "{{ instruction }} {{ answer_format }}", user: "{{ input.question }}"}
-  parse: {kind: function, fn: last_integer, args: {text: count}}
-output: parse
-metric: {fn: exact_match, args: {pred: parse, target: input.answer}}
-"""
+CHAIN = MODELS + "name: chain\n" + COUNT_PIPELINE.lstrip()
 
 COUNT_REPLY = {P("instruction"): "It never says to add the counts: tell the model to add them.",
                P("answer_format"): "Should be ignored."}

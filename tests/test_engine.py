@@ -15,6 +15,7 @@ from autodiff_cli.prompts_io import initial_values
 from autodiff_cli.spec.loader import load_spec
 
 from .conftest import write
+from .specs import CORPUS, MULTIHOP as LOOP
 
 SCRIPT = """
 rules:
@@ -49,53 +50,12 @@ output: parse
 metric: {fn: exact_match, args: {pred: parse, target: input.answer}}
 """
 
-LOOP = """
-name: multihop
-models:
-  task: {model: fake/script.yaml}
-data:
-  val: val.jsonl
-params:
-  query_instruction: {value: "Write a search query for the question."}
-  answer_instruction: {value: "Answer from the passages."}
-nodes:
-  hops:
-    kind: loop
-    max_iters: 3
-    state: {context: []}
-    body:
-      query:
-        kind: llm
-        system: "{{ query_instruction }}"
-        user: "{{ input.question }} | known: {{ state.context }}"
-      retrieve:
-        kind: function
-        fn: bm25
-        args: {query: query}
-        with: {corpus: corpus.jsonl, k: 1}
-      merge:
-        kind: function
-        fn: dedup_extend
-        args: {items: state.context, new: retrieve}
-    update: {context: merge}
-    until: "iteration >= 1 and len(state.context) >= 1"
-  answer:
-    kind: llm
-    system: "{{ answer_instruction }}"
-    user: "Passages: {{ hops.context }}\\nQ: {{ input.question }}"
-output: answer
-metric: {fn: exact_match, args: {pred: answer, target: input.answer}}
-"""
 
 
 def build(tmp_path, spec_text, rows, cache=True):
     write(tmp_path / "script.yaml", SCRIPT)
     (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
-        {"title": "Paris", "text": "Paris is the capital of France."},
-        {"title": "Lyon", "text": "Lyon is a city in France known for food."},
-        {"title": "Berlin", "text": "Berlin is the capital of Germany."},
-    ]))
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in CORPUS))
     loaded = load_spec(write(tmp_path / "spec.yaml", spec_text))
     program = compile_spec(loaded)
     client = ModelClient(loaded.spec.models, config_dir=tmp_path, usage=Usage(),

@@ -14,6 +14,7 @@ from autodiff_cli.spec.loader import load_spec
 from autodiff_cli.templates import compile_template
 
 from .conftest import write
+from .specs import MULTIHOP
 
 SCRIPT = """
 rules:
@@ -49,43 +50,8 @@ ROWS = [
 
 BEST = "Count carefully.\nAnswer with `Answer: N` and keep {{ braces }} literal."
 
-LOOP = """
-name: multihop
-models:
-  task: {model: fake/script.yaml}
-data:
-  val: val.jsonl
-params:
-  query_instruction: {value: "Write a search query for the question."}
-  answer_instruction: {value: "Answer from the passages."}
-nodes:
-  hops:
-    kind: loop
-    max_iters: 3
-    state: {context: []}
-    body:
-      query:
-        kind: llm
-        system: "{{ query_instruction }}"
-        user: "{{ input.question }} | known: {{ state.context }} | hop {{ iteration + 1 }}"
-      retrieve:
-        kind: function
-        fn: bm25
-        args: {query: query}
-        with: {corpus: corpus.jsonl, k: 1}
-      merge:
-        kind: function
-        fn: dedup_extend
-        args: {items: state.context, new: retrieve}
-    update: {context: merge}
-    until: "iteration >= 1 and len(state.context) >= 1"
-  answer:
-    kind: llm
-    system: "{{ answer_instruction }}"
-    user: "Passages: {{ hops.context }}\\nQ: {{ input.question }}"
-output: answer
-metric: {fn: exact_match, args: {pred: answer, target: input.answer}}
-"""
+# the multi-hop loop, with the iteration shown in the query prompt
+LOOP = MULTIHOP.replace("known: {{ state.context }}", "known: {{ state.context }} | hop {{ iteration + 1 }}")
 
 
 def invoke(*args):

@@ -14,6 +14,7 @@ from autodiff_cli.cli import app
 from autodiff_cli.llm.fake import reset_fake_state
 
 from .conftest import write
+from .specs import COUNT_PIPELINE
 
 # Roles are told apart by their system prompts; the task model answers right only when its
 # instruction says ALWAYS ADD (or when the answer is 1).
@@ -43,15 +44,7 @@ data:
   train: train.jsonl
   val: val.jsonl
   test: test.jsonl
-params:
-  instruction: {value: "Count the things.", role: task instruction}
-  answer_format: {value: "End with Answer: N", role: output format, trainable: false}
-nodes:
-  count: {kind: llm, system: "{{ instruction }} {{ answer_format }}", user: "{{ input.question }}"}
-  parse: {kind: function, fn: last_integer, args: {text: count}}
-output: parse
-metric: {fn: exact_match, args: {pred: parse, target: input.answer}}
-train: {max_steps: 2, batch_size: 4, max_proposals: 2, max_error_samples: 2, max_correct_samples: 1, seed: 0}
+""" + COUNT_PIPELINE.lstrip() + """train: {max_steps: 2, batch_size: 4, max_proposals: 2, max_error_samples: 2, max_correct_samples: 1, seed: 0}
 """
 
 
