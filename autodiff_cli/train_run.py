@@ -117,7 +117,7 @@ def train_command(config: Path, *, runs_dir: Path, resume: Path | None, dry_run:
                 + (f" (skipped: {row['skipped']})" if row.get("skipped") else ""))
         else:
             log(f"initial validation score {_f(st.initial_val)}")
-        rd.write_prompts(st.values)
+        rd.write_prompts(st.best_values or st.values)
         rd.write_checkpoint({"schema_version": SCHEMA_VERSION, "state": st.to_dict()})
         rd.write_summary(summary_of(rd, spec, trainer, st, "running", None, {}, config))
 
@@ -152,7 +152,7 @@ def train_command(config: Path, *, runs_dir: Path, resume: Path | None, dry_run:
         status, reason, code = "failed", e.message, EXIT_MODEL_ERRORS
     # the state on disk is the last completed step's; the summary says how the run ended
     state.wall_seconds = wall_base + time.monotonic() - started
-    rd.write_prompts(state.values)
+    rd.write_prompts(state.best_values or state.values)
     summary = summary_of(rd, spec, trainer, state, status, reason, tests, config)
     rd.write_summary(summary)
     log(f"{status}: {reason}; best val {_f(state.best_val)} at step {state.best_step} (initial {_f(state.initial_val)})"

@@ -35,6 +35,24 @@ from .trace import Trace
 log = logging.getLogger("autodiff.train")
 
 
+@dataclass(frozen=True)
+class Strategy:
+    """What distinguishes the training modes; one step skeleton serves them all."""
+
+    moving_batch: bool  # failed/correct examples accumulate across steps until an update is accepted
+    gradients: bool  # run the backward pass (no_gradient: the optimizer sees samples only)
+    backprop_correct: bool  # feedback for every example, correct ones included (TextGrad)
+    validate: bool  # two-stage validation; without it every proposal is taken (TextGrad)
+    max_proposals: int | None = None  # None: train.max_proposals
+
+
+STRATEGIES = {
+    "autodiff": Strategy(moving_batch=True, gradients=True, backprop_correct=False, validate=True),
+    "no_gradient": Strategy(moving_batch=True, gradients=False, backprop_correct=False, validate=True),
+    "textgrad": Strategy(moving_batch=False, gradients=True, backprop_correct=True, validate=False, max_proposals=1),
+}
+
+
 @dataclass
 class PoolEntry:
     example: Example
@@ -46,8 +64,9 @@ class PoolEntry:
 class TrainState:
     """Everything needed to continue exactly (checkpoint.json)."""
 
-    values: dict[str, str]
+    values: dict[str, str]  # the current values (= best_values unless the mode takes proposals unvalidated)
     initial_values: dict[str, str]
+    best_values: dict[str, str] | None = None
     step: int = 0  # last completed step
     initial_val: float | None = None
     best_val: float | None = None
@@ -80,6 +99,7 @@ class Trainer:
         self.splits = splits
         self.on_step = on_step or (lambda state, row, trace_rows: None)
         self.on_phase = on_phase or (lambda phase, info: None)
+        self.strategy = STRATEGIES.get(self.cfg.mode, STRATEGIES["autodiff"])
         self.trainable = {n for n, p in program.params.items() if p.trainable and p.kind == "prompt"}
         self.backward_model = "backward" if "backward" in self.spec.models else _task_model(program)
         self.optimizer_model = "optimizer" if "optimizer" in self.spec.models else _task_model(program)
@@ -141,6 +161,7 @@ class Trainer:
             raise ErrorRateExceeded(f"the initial validation has {report.errors} examples with model-call errors "
                                     f"after a retry; first: {report.first_error()}")
         state.initial_val = state.best_val = report.score
+        state.best_values = dict(state.values)
         state.history.append({"step": 0, "values": dict(state.values), "val_score": report.score})
 
     async def test_scores(self, state: TrainState) -> dict[str, float | None]:
@@ -148,7 +169,8 @@ class Trainer:
             return {"initial": None, "best": None}
         self.on_phase("test", {})
         initial = (await self.validate(state.initial_values, "test")).score
-        best = initial if state.values == state.initial_values else (await self.validate(state.values, "test")).score
+        best_values = state.best_values or state.values
+        best = initial if best_values == state.initial_values else (await self.validate(best_values, "test")).score
         return {"initial": initial, "best": best}
 
     # ---------------------------------------------------------------- one step
@@ -193,29 +215,35 @@ class Trainer:
         entries = await self.forward(batch, state.values)
         if entries:
             row["batch_score"] = sum(e.score for e in entries) / len(entries)
-        self._update_pools(state, entries)
         if not any(e.score < self.cfg.fail_threshold for e in entries):
+            if self.strategy.moving_batch:
+                self._update_pools(state, entries)
             row["skipped"] = "no failed example in the minibatch"
-            return self._finish_row(state, row, usage_before, started, accepted=False), trace_rows
-        failed, correct = self._subset(state, step)
+            return self._finish_row(state, row, usage_before, started), trace_rows
+        if self.strategy.moving_batch:
+            self._update_pools(state, entries)
+            failed, correct = self._subset(state, step)
+        else:  # the minibatch alone
+            failed = [e for e in entries if e.score < self.cfg.fail_threshold]
+            correct = [e for e in entries if e.score >= self.cfg.fail_threshold]
         subset = failed + correct
         row["subset_ids"] = [e.example.id for e in subset]
         row["subset_score"] = subset_score = sum(e.score for e in subset) / len(subset)
 
         evaluations = {e.example.id: evaluate_loss(self.program, e.trace, e.score, self.cfg.fail_threshold) for e in subset}
         gradients: list[Gradient] = []
-        if self.cfg.mode == "autodiff":
-            self.on_phase("backward", {"step": step, "examples": len(failed)})
-            gradients = await self._backward(failed, evaluations)
+        if self.strategy.gradients:
+            backprop = subset if self.strategy.backprop_correct else failed
+            self.on_phase("backward", {"step": step, "examples": len(backprop)})
+            gradients = await self._backward(backprop, evaluations)
             trace_rows += [{"kind": "gradient", **g.row()} for g in gradients]
         targets = self._params_to_change(gradients, failed)
         if not targets:
             row["skipped"] = "no parameter received feedback"
-            return self._finish_row(state, row, usage_before, started, accepted=False), trace_rows
+            return self._finish_row(state, row, usage_before, started), trace_rows
 
-        accepted = False
         failed_proposals: list[gdpo.FailedProposal] = []
-        for attempt in range(1, self.cfg.max_proposals + 1):
+        for attempt in range(1, (self.strategy.max_proposals or self.cfg.max_proposals) + 1):
             self.on_phase("propose", {"step": step, "proposal": attempt})
             changing = targets if self.cfg.propose == "joint" else [targets[(attempt - 1) % len(targets)]]
             proposals = await asyncio.gather(*(
@@ -224,7 +252,9 @@ class Trainer:
             trace_rows += [{"kind": "proposal", "step": step, "attempt": attempt, "param": p.param,
                             "value": p.value, "method": p.method, "reason": p.reason, "raw": p.raw} for p in proposals]
             new = {p.param: p.value for p in proposals if p.value is not None}
-            if new:
+            if new and not self.strategy.validate:
+                record = await self._take(state, step, new)
+            elif new:
                 record = await self._judge(state, step, attempt, new, subset, subset_score)
             else:
                 record = {"params": {}, "subset_score": None, "val_score": None, "accepted": False,
@@ -233,13 +263,12 @@ class Trainer:
             self.on_phase("proposal", {"step": step, "proposal": attempt, "accepted": record["accepted"],
                                        "why": record["reason"]})
             if record["accepted"]:
-                accepted = True
                 row["val_score"] = record["val_score"]
                 break
             if new:
                 failed_proposals.append(gdpo.FailedProposal(new, record["subset_score"], record["val_score"],
                                                             record["reason"]))
-        return self._finish_row(state, row, usage_before, started, accepted), trace_rows
+        return self._finish_row(state, row, usage_before, started), trace_rows
 
     async def _judge(self, state: TrainState, step: int, attempt: int, new: dict[str, str],
                      subset: list[PoolEntry], subset_score: float) -> dict:
@@ -263,7 +292,7 @@ class Trainer:
             record["reason"] = f"validation has {report.errors} examples with call errors"
         elif report.score is not None and (state.best_val is None or report.score > state.best_val):
             record.update(val_score=report.score, accepted=True, reason="beats the best validation score")
-            state.values = candidate
+            state.values = state.best_values = candidate
             state.best_val, state.best_step = report.score, step
             state.history.append({"step": step, "values": dict(candidate), "val_score": report.score})
             state.proposals["accepted"] += 1
@@ -275,8 +304,23 @@ class Trainer:
             record["reason"] = f"validation {_fmt(report.score)} does not beat best {_fmt(state.best_val)}"
         return record
 
-    def _finish_row(self, state: TrainState, row: dict, usage_before, started: float, accepted: bool) -> dict:
-        state.steps_since_improvement = 0 if accepted else state.steps_since_improvement + 1
+    async def _take(self, state: TrainState, step: int, new: dict[str, str]) -> dict:
+        """TextGrad's rule: every proposal is taken; validation only records how it did."""
+        state.proposals["tried"] += 1
+        state.values = {**state.values, **new}
+        self.on_phase("validate", {"step": step, "stage": "validation (for the record)"})
+        report = await self.validate(state.values)
+        record = {"params": new, "subset_score": None, "val_score": report.score, "accepted": True,
+                  "reason": "taken without validation (textgrad)"}
+        state.proposals["accepted"] += 1
+        if report.score is not None and not report.errors and (state.best_val is None or report.score > state.best_val):
+            state.best_val, state.best_step, state.best_values = report.score, step, dict(state.values)
+            state.history.append({"step": step, "values": dict(state.values), "val_score": report.score})
+        return record
+
+    def _finish_row(self, state: TrainState, row: dict, usage_before, started: float) -> dict:
+        improved = state.best_step == row["step"]
+        state.steps_since_improvement = 0 if improved else state.steps_since_improvement + 1
         row["best_val"] = state.best_val
         row["usage"] = _usage_delta(self.client.usage.to_dict(), usage_before.to_dict())
         row["wall_seconds"] = round(time.perf_counter() - started, 3)
@@ -295,7 +339,7 @@ class Trainer:
 
     def _params_to_change(self, gradients: list[Gradient], failed: list[PoolEntry]) -> list[str]:
         order = list(self.program.params)
-        if self.cfg.mode == "no_gradient":
+        if not self.strategy.gradients:
             used = {p for e in failed for c in e.trace.calls for p in c.params if p in self.trainable}
             return [p for p in order if p in used]
         with_feedback = {g.target.removeprefix("param:") for g in gradients if g.target.startswith("param:")}
@@ -317,7 +361,8 @@ class Trainer:
             param=view(param), peers=[view(p) for p in peers], others=[view(p) for p in others],
             history=[gdpo.HistoryEntry(h["step"], h["values"], h["val_score"]) for h in history],
             failed=list(failed), feedback=feedback, samples=samples, constraints=list(self.spec.constraints),
-            steps_since_improvement=state.steps_since_improvement, mode=self.cfg.mode)
+            steps_since_improvement=state.steps_since_improvement,
+            mode="autodiff" if self.strategy.gradients else "no_gradient")
 
     async def _propose(self, request: gdpo.ProposalRequest) -> gdpo.Proposal:
         try:

@@ -252,10 +252,11 @@ def test_bm25_bad_corpus(tmp_path):
 
 def test_registry():
     assert set(BUILTINS) == {"last_integer", "answer_after", "label", "json_field", "bm25",
-                             "dedup_extend", "join"}
+                             "dedup_extend", "join", "react_act", "react_answer"}
     assert all(isinstance(b, Builtin) for b in BUILTINS.values())
     assert BUILTINS["bm25"].path_args == frozenset({"corpus"})
     assert BUILTINS["label"].path_args == frozenset()
+    assert BUILTINS["react_act"].path_args == frozenset({"corpus"})
 
 
 def test_resolve_function_builtins():
@@ -316,3 +317,108 @@ def test_builtins_called_with_keyword_args():
     fn, _ = resolve_function("json_field")
     assert fn(**{"text": '{"a": 1}'}, **{"field": "a"}) == 1
     assert B.last_integer(text="Answer: 3") == "3"
+
+
+# --- ReAct agent: react_act, react_answer ---------------------------------------------------
+
+from autodiff_cli.nodes.builtins import react_act, react_answer  # noqa: E402
+
+
+def plan(action, argument, thought="I should act."):
+    return {"thought": thought, "action": action, "argument": argument}
+
+
+def test_react_search_returns_top_k_passages(corpus):
+    out = react_act(plan("search", "Who created the Python programming language?"), corpus=str(corpus), k=1)
+    assert out["action"] == "search" and out["argument"].startswith("Who created")
+    assert out["observation"] == "Python: Python is a programming language created by Guido van Rossum."
+    assert out["step"] == ("Thought: I should act.\nAction: search[Who created the Python programming language?]\n"
+                           "Observation: Python: Python is a programming language created by Guido van Rossum.")
+    two = react_act(plan("search", "capital city"), corpus=str(corpus), k=2)["observation"].splitlines()
+    assert len(two) == 2 and all(": " in line for line in two)
+    assert bm25_cache_info()["misses"] == 1  # one index shared with bm25
+
+
+def test_react_search_without_a_match(corpus):
+    out = react_act(plan("search", "zzzz qqqq"), corpus=str(corpus))
+    assert out["action"] == "search" and "No passage matches" in out["observation"]
+
+
+def test_react_lookup_by_title_case_insensitive_else_best_hit(corpus):
+    out = react_act(plan("lookup", "eiffel tower"), corpus=str(corpus))
+    assert out["observation"] == "Eiffel Tower: The Eiffel Tower is a wrought-iron tower in Paris, France."
+    # the title "Paris" wins over a passage that merely mentions Paris
+    assert react_act(plan("lookup", "PARIS"), corpus=str(corpus))["observation"].startswith("Paris: Paris is")
+    fallback = react_act(plan("lookup", "Guido van Rossum"), corpus=str(corpus))
+    assert fallback["observation"].startswith("Python: ")
+    missing = react_act(plan("lookup", "zzzz"), corpus=str(corpus))
+    assert "No passage titled `zzzz`" in missing["observation"]
+
+
+def test_react_finish_returns_the_argument(corpus):
+    out = react_act(plan("finish", "Guido van Rossum"), corpus=str(corpus))
+    assert out == {"action": "finish", "argument": "Guido van Rossum", "observation": "Guido van Rossum",
+                   "step": "Thought: I should act.\nAction: finish[Guido van Rossum]\nObservation: Guido van Rossum"}
+    assert bm25_cache_info()["misses"] == 0  # finish never touches the corpus
+
+
+@pytest.mark.parametrize("raw", [
+    '{"thought": "t", "action": "Search", "argument": "Python language"}',
+    'Sure! ```json\n{"thought": "t", "action": "search", "argument": "Python language"}\n```',
+    "I will look it up.\nsearch[Python language]",
+    {"thought": "t", "action": "search[Python language]", "argument": ""},
+    {"action": " SEARCH ", "argument": "Python language"},
+])
+def test_react_tolerates_json_text_and_action_call_syntax(corpus, raw):
+    out = react_act(raw, corpus=str(corpus), k=1)
+    assert out["action"] == "search" and out["argument"] == "Python language"
+    assert out["observation"].startswith("Python: ")
+
+
+@pytest.mark.parametrize("raw", [None, "", "garbage without json", 42, ["search", "x"], {"thought": "hm"},
+                                 {"action": None, "argument": "x"}, '{"action": 3}', "{not json"])
+def test_react_unreadable_plan_gives_an_observation_not_an_error(corpus, raw):
+    out = react_act(raw, corpus=str(corpus))
+    assert out["action"] is None
+    assert "could not be read" in out["observation"] and out["observation"] in out["step"]
+
+
+def test_react_unknown_action_and_missing_argument(corpus):
+    out = react_act(plan("browse", "x"), corpus=str(corpus))
+    assert out["action"] is None and "Unknown action `browse`" in out["observation"]
+    assert "search, lookup, finish" in out["observation"]
+    empty = react_act(plan("search", "  "), corpus=str(corpus))
+    assert empty["action"] == "search" and "needs an argument" in empty["observation"]
+    odd = react_act({"action": "finish", "argument": None}, corpus=str(corpus))
+    assert odd["action"] == "finish" and odd["argument"] == "" and odd["step"] == "Action: finish[]\nObservation: "
+
+
+def test_react_act_is_pure_and_keyword_callable(corpus):
+    p = plan("search", "capital of Germany")
+    snapshot = dict(p)
+    fn, paths = resolve_function("react_act")
+    assert paths == frozenset({"corpus"})
+    first = fn(**{"plan": p}, **{"corpus": str(corpus), "k": 2})
+    assert p == snapshot and fn(plan=p, corpus=str(corpus), k=2) == first
+    assert react_act(p, corpus=str(corpus), k=0)["observation"].startswith("No passage matches")
+
+
+def test_react_act_needs_a_corpus_for_retrieval():
+    with pytest.raises(DataError):
+        react_act(plan("search", "x"), corpus=None)
+    with pytest.raises(DataError):
+        react_act(plan("lookup", "x"), corpus=None)
+    assert react_act(plan("finish", "x"), corpus=None)["observation"] == "x"
+
+
+def test_react_answer():
+    assert react_answer({"action": "finish", "argument": "Paris", "observation": "Paris"}) == "Paris"
+    assert react_answer({"action": "finish", "argument": None}) == ""
+    assert react_answer({"action": "search", "argument": "x", "observation": "P: text"}) == "P: text"
+    steps = ["Thought: a\nAction: search[x]\nObservation: first", "Action: lookup[y]\nObservation: last one"]
+    assert react_answer({}, steps) == "last one"
+    assert react_answer(None, steps) == "last one"
+    assert react_answer(None, "just text") == "just text"
+    assert react_answer(None, None) == "" and react_answer("junk", []) == ""
+    fn, paths = resolve_function("react_answer")
+    assert fn is react_answer and paths == frozenset()

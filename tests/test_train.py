@@ -283,3 +283,19 @@ def test_sigterm_interrupts_cleanly_and_the_run_resumes(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
     assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_textgrad_mode_backprops_every_example_and_takes_one_unvalidated_proposal(tmp_path):
+    setup(tmp_path, new_value="Count the things slowly.", spec=SPEC.replace("seed: 0}", "seed: 0, mode: textgrad}"))
+    result, run = train(tmp_path)
+    assert result.exit_code == 0, result.output
+    step1 = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert step1["usage"]["backward"]["calls"] == len(step1["batch_ids"])  # correct examples included
+    assert len(step1["proposals"]) == 1 and step1["proposals"][0]["accepted"] is True
+    assert step1["proposals"][0]["subset_score"] is None  # no stage 1
+    summary = json.loads((run / "summary.json").read_text())
+    # the proposal was taken, but the best prompts stay the ones with the best validation score
+    assert summary["best"]["step"] == 0
+    assert yaml.safe_load((run / "prompts.yaml").read_text())["instruction"] == "Count the things."
+    checkpoint = json.loads((run / "checkpoint.json").read_text())["state"]
+    assert checkpoint["values"]["instruction"] == "Count the things slowly."

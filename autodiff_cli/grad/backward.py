@@ -175,7 +175,7 @@ class BackwardEngine:
         spec_params = self.program.params
         node_params = [{"name": p, "role": spec_params[p].role or "prompt", "value": value,
                         "trainable": p in self.trainable} for p, value in call.params.items()]
-        msgs = metaprompts.messages("backward_llm", call_id=call.id, node=call.node, example_id=trace.example_id,
+        msgs = metaprompts.messages("backward_llm", failed=ev.failed, call_id=call.id, node=call.node, example_id=trace.example_id,
                                     iteration=call.iteration, messages=call.messages or [], output=_short(call.output),
                                     feedback=feedback, node_params=node_params, keys=keys)
         reply = await self._ask(msgs, [k["key"] for k in keys], result, call, diagnose=True)

@@ -1,4 +1,5 @@
-"""Built-in functions for `kind: function` nodes: answer parsers, BM25 retrieval, list helpers.
+"""Built-in functions for `kind: function` nodes: answer parsers, BM25 retrieval, list helpers,
+and the action executor of a ReAct agent.
 
 Function nodes call them as `fn(**args, **with_)`. Each one is pure (bm25 caches its index)
 and tolerates None or odd input instead of raising, so a sloppy model output gives a wrong
@@ -19,6 +20,7 @@ from autodiff_cli.errors import DataError, SpecError
 
 __all__ = [
     "last_integer", "answer_after", "label", "json_field", "bm25", "dedup_extend", "join",
+    "react_act", "react_answer", "REACT_ACTIONS",
     "Builtin", "BUILTINS", "resolve_function", "bm25_cache_info", "bm25_cache_clear",
 ]
 
@@ -208,6 +210,7 @@ class _Index:
     retriever: Any
     passages: tuple[str, ...]
     vocab: frozenset[str]
+    titles: tuple[str | None, ...] = ()  # the title of each passage (None without one)
 
 
 _INDEX_CACHE: dict[tuple, _Index] = {}
@@ -227,8 +230,9 @@ def bm25_cache_clear() -> None:
         _CACHE_STATS.update(hits=0, misses=0)
 
 
-def _load_passages(path: Path, text_field: str, title_field: str | None) -> list[str]:
-    passages = []
+def _load_passages(path: Path, text_field: str, title_field: str | None) -> tuple[list[str], list[str | None]]:
+    passages: list[str] = []
+    titles: list[str | None] = []
     try:
         handle = path.open(encoding="utf-8")
     except OSError as exc:
@@ -249,11 +253,13 @@ def _load_passages(path: Path, text_field: str, title_field: str | None) -> list
                                 got=line.strip()[:60])
             title = row.get(title_field) if title_field else None
             body = row[text_field]
-            passages.append(f"{title}: {body}" if isinstance(title, str) and title else body)
-    return passages
+            has_title = isinstance(title, str) and bool(title)
+            passages.append(f"{title}: {body}" if has_title else body)
+            titles.append(title if has_title else None)
+    return passages, titles
 
 
-def _build_index(passages: list[str]) -> _Index:
+def _build_index(passages: list[str], titles: list[str | None] | None = None) -> _Index:
     import bm25s
 
     tokens = [_tokenize(p) for p in passages]
@@ -261,7 +267,7 @@ def _build_index(passages: list[str]) -> _Index:
     if passages:
         retriever.index(tokens, show_progress=False)
     vocab = frozenset(t for doc in tokens for t in doc)
-    return _Index(retriever, tuple(passages), vocab)
+    return _Index(retriever, tuple(passages), vocab, tuple(titles or ()))
 
 
 def _get_index(corpus: str | os.PathLike, text_field: str, title_field: str | None) -> _Index:
@@ -281,7 +287,7 @@ def _get_index(corpus: str | os.PathLike, text_field: str, title_field: str | No
         _CACHE_STATS["misses"] += 1
         for stale in [k for k in _INDEX_CACHE if k[0] == key[0]]:
             del _INDEX_CACHE[stale]
-        index = _build_index(_load_passages(path, text_field, title_field))
+        index = _build_index(*_load_passages(path, text_field, title_field))
         _INDEX_CACHE[key] = index
         return index
 
@@ -375,6 +381,114 @@ def join(items: Any = None, sep: str = "\n\n") -> str:
     return str(sep).join(str(item) for item in _as_list(items) if item is not None)
 
 
+# --- ReAct agent ---------------------------------------------------------------------------
+
+REACT_ACTIONS = ("search", "lookup", "finish")
+_ACTION_CALL = re.compile(r"^\s*(\w+)\s*[\[(]\s*(.*?)\s*[\])]\s*$", re.DOTALL)  # search[Paris]
+_UNREADABLE = ("The action could not be read: reply with a JSON object with `thought`, "
+               "`action` (one of search, lookup, finish) and `argument`.")
+
+
+def _read_plan(plan: Any) -> tuple[str, str, str] | None:
+    """(thought, action, argument) of a planner's output, or None if it names no action."""
+    if isinstance(plan, str):
+        parsed = _first_json_object(plan)
+        if parsed is None:
+            call = _ACTION_CALL.match(plan.strip().splitlines()[-1]) if plan.strip() else None
+            return ("", call.group(1).lower(), call.group(2)) if call else None
+        plan = parsed
+    if not isinstance(plan, dict):
+        return None
+    action = plan.get("action")
+    if not isinstance(action, str) or not action.strip():
+        return None
+    argument = plan.get("argument", plan.get("action_input", ""))
+    argument = "" if argument is None else (argument if isinstance(argument, str) else json.dumps(argument))
+    thought = plan.get("thought", "")
+    thought = "" if thought is None else str(thought)
+    action = action.strip()
+    call = _ACTION_CALL.match(action)
+    if call and not argument.strip():  # {"action": "search[Paris]"}
+        action, argument = call.group(1), call.group(2)
+    return thought.strip(), action.strip().lower(), argument.strip()
+
+
+def _react_step(thought: str, action: str | None, argument: str, observation: str) -> str:
+    lines = [f"Thought: {thought}"] if thought else []
+    lines.append(f"Action: {action}[{argument}]" if action else "Action: (unreadable)")
+    lines.append(f"Observation: {observation}")
+    return "\n".join(lines)
+
+
+def react_act(plan: Any = None, corpus: str | os.PathLike | None = None, k: int = 2,
+              text_field: str = "text", title_field: str | None = "title") -> dict[str, Any]:
+    """Execute one ReAct action chosen by a planner over a JSONL `corpus`.
+
+    `plan` is the planner's output: a dict `{"thought", "action", "argument"}` (as a node with
+    `json_schema` gives), its JSON text, or `search[query]`-style text. Actions:
+      search   the top-`k` BM25 passages for the argument
+      lookup   the passage whose title equals the argument (case-insensitive), else the best
+               BM25 hit for it
+      finish   the argument is the final answer
+    Returns `{"action", "argument", "observation", "step"}`; `step` is the
+    "Thought/Action/Observation" text for the agent's history. An unreadable plan or an unknown
+    action gives action None and an observation saying what went wrong; never raises on
+    model output.
+    """
+    read = _read_plan(plan)
+    if read is None:
+        return {"action": None, "argument": "", "observation": _UNREADABLE,
+                "step": _react_step("", None, "", _UNREADABLE)}
+    thought, action, argument = read
+    if action not in REACT_ACTIONS:
+        observation = f"Unknown action `{action}`: use one of {', '.join(REACT_ACTIONS)}."
+        return {"action": None, "argument": argument, "observation": observation,
+                "step": _react_step(thought, action, argument, observation)}
+    if action == "finish":
+        observation = argument
+    elif not argument:
+        observation = f"`{action}` needs an argument."
+    elif action == "search":
+        hits = bm25(argument, corpus=corpus, k=k, text_field=text_field, title_field=title_field)
+        observation = "\n".join(hits) if hits else f"No passage matches `{argument}`."
+    else:  # lookup
+        observation = _lookup(argument, corpus, text_field, title_field)
+    return {"action": action, "argument": argument, "observation": observation,
+            "step": _react_step(thought, action, argument, observation)}
+
+
+def _lookup(title: str, corpus: Any, text_field: str, title_field: str | None) -> str:
+    if corpus is None or str(corpus) == "":
+        raise DataError("react_act needs a corpus", expected="a JSONL corpus path in `with: {corpus: ...}`",
+                        got="nothing")
+    index = _get_index(corpus, text_field, title_field)
+    wanted = title.strip().strip("\"'").casefold()
+    for passage, passage_title in zip(index.passages, index.titles):
+        if passage_title is not None and passage_title.strip().casefold() == wanted:
+            return passage
+    hits = _search(index, title, 1)
+    return hits[0] if hits else f"No passage titled `{title}`."
+
+
+def react_answer(last: Any = None, steps: Any = None) -> str:
+    """The agent's final answer: the argument of its `finish` action, else the last observation.
+
+    `last` is the last `react_act` result (a loop's state keeps it); `steps` the history, used
+    when `last` is missing (the text after the last "Observation:").
+    """
+    if isinstance(last, dict):
+        if last.get("action") == "finish":
+            return "" if last.get("argument") is None else str(last["argument"])
+        if last.get("observation") is not None:
+            return str(last["observation"])
+    history = [s for s in _as_list(steps) if s is not None]
+    if history:
+        text = str(history[-1])
+        marker = text.rfind("Observation:")
+        return text[marker + len("Observation:"):].strip() if marker >= 0 else text.strip()
+    return ""
+
+
 # --- registry ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -392,6 +506,8 @@ BUILTINS: dict[str, Builtin] = {
     "bm25": Builtin(bm25, frozenset({"corpus"})),
     "dedup_extend": Builtin(dedup_extend),
     "join": Builtin(join),
+    "react_act": Builtin(react_act, frozenset({"corpus"})),
+    "react_answer": Builtin(react_answer),
 }
 
 # `autodiff_cli.builtins:` is the spelling used in DESIGN.md's examples.

@@ -225,6 +225,4 @@ def unbuilt_keys(spec: Spec) -> list[tuple[tuple, str]]:
         found.append((("train", "demos"), "demo schedules"))
     if spec.train.teacher is not None:
         found.append((("train", "teacher"), "demo bootstrapping with a teacher"))
-    if spec.train.mode == "textgrad":
-        found.append((("train", "mode"), "the textgrad baseline mode"))
     return found
