@@ -11,6 +11,7 @@ import asyncio
 import copy
 import inspect
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,9 @@ from typing import Any
 from .compiler import CompiledNode, Metric, Program, Ref, Scope
 from .errors import AutodiffError, ModelCallError
 from .trace import Call, InputValue, Trace
+
+
+log = logging.getLogger("autodiff.engine")
 
 
 class PipelineError(AutodiffError):
@@ -204,9 +208,13 @@ class ForwardEngine:
                 context = {name: inner[name].value for name in node.body.nodes}
                 context.update(state=_state_slot(state).value, input=env["input"].value, iteration=iteration)
                 try:
-                    done = node.until.evaluate(context)
+                    done = bool(node.until.evaluate(context))
                 except ExprError as e:
-                    raise PipelineError(f"nodes.{node.name}.until: {e} (example {run.trace.example_id})") from None
+                    # a model output without the field the condition reads (e.g. a reply that is
+                    # not JSON) does not stop the loop; it runs on until max_iters
+                    log.warning("nodes.%s.until on example %s: %s; the loop goes on", node.name,
+                                run.trace.example_id, e)
+                    done = False
                 if done:
                     break
         # body calls were appended to the trace as they ran; the loop itself adds no call

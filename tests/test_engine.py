@@ -131,3 +131,11 @@ def test_failed_model_call_marks_the_trace_not_the_score(tmp_path):
     assert trace.error and "500" in trace.error or "Internal" in (trace.error or "")
     assert trace.calls[-1].error
     assert client.usage.role("task")["errors"] == client.usage.role("task")["calls"] == 4  # 1 + 3 retries
+
+
+def test_until_that_cannot_read_the_output_lets_the_loop_run_to_max_iters(tmp_path, caplog):
+    spec = LOOP.replace('until: "iteration >= 1 and len(state.context) >= 1"', "until: \"query.action == 'finish'\"")
+    program, client = build(tmp_path, spec, [{"id": "q", "question": "capital of France", "answer": "Paris"}])
+    trace = run(program, client, "q", {"question": "capital of France", "answer": "Paris"})
+    assert [c.call_index for c in trace.calls_of("query")] == [0, 1, 2]  # max_iters 3, no crash
+    assert "the loop goes on" in caplog.text

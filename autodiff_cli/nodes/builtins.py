@@ -136,8 +136,8 @@ _FENCE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)```", re.DOTALL)
 _MAX_JSON_STARTS = 200
 
 
-def _first_json_object(text: str) -> dict | None:
-    decoder = json.JSONDecoder()
+def _first_json_object(text: str, strict: bool = True) -> dict | None:
+    decoder = json.JSONDecoder(strict=strict)  # strict=False: raw newlines inside strings
     chunks = [m.group(1) for m in _FENCE.finditer(text)] + [text]
     for chunk in chunks:
         start = chunk.find("{")
@@ -392,7 +392,7 @@ _UNREADABLE = ("The action could not be read: reply with a JSON object with `tho
 def _read_plan(plan: Any) -> tuple[str, str, str] | None:
     """(thought, action, argument) of a planner's output, or None if it names no action."""
     if isinstance(plan, str):
-        parsed = _first_json_object(plan)
+        parsed = _first_json_object(plan, strict=False)
         if parsed is None:
             call = _ACTION_CALL.match(plan.strip().splitlines()[-1]) if plan.strip() else None
             return ("", call.group(1).lower(), call.group(2)) if call else None
