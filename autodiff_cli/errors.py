@@ -23,10 +23,10 @@ def describe(value: Any, limit: int = 60) -> str:
     """A short, readable rendering of a bad value for an error message."""
     if value is None:
         return "nothing"
-    text = repr(value) if not isinstance(value, str) else repr(value)
+    text = repr(value)
     if len(text) > limit:
         text = text[: limit - 3] + "..."
-    return f"{type(value).__name__} {text}" if not isinstance(value, (str, int, float, bool)) else text
+    return text if isinstance(value, (str, int, float, bool)) else f"{type(value).__name__} {text}"
 
 
 class AutodiffError(Exception):
