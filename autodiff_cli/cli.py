@@ -198,6 +198,86 @@ def schema() -> None:
     print(json.dumps(Spec.model_json_schema(by_alias=True), indent=2))
 
 
+# ---------------------------------------------------------------- runs / diff / report / init
+
+runs_app = typer.Typer(help="Browse run directories: list them, show one.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+
+
+@runs_app.command("list")
+def runs_list(runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="The folder holding run directories."),
+              json_out: bool = typer.Option(False, "--json", help="Print a JSON list (one object per run).")) -> None:
+    """One row per run directory: name, date, status, best val/test, steps, cost (newest first).
+
+    Examples:
+      autodiff runs list
+      autodiff runs list --runs-dir experiments/runs --json
+    """
+    from .browse import runs_list_command
+
+    run_guarded(runs_list_command, runs_dir, json_out)
+
+
+@runs_app.command("show")
+def runs_show(run_dir: Path = typer.Argument(..., help="A run directory (or a run's name under runs/)."),
+              json_out: bool = typer.Option(False, "--json", help="Print {run_dir, summary, steps} as JSON.")) -> None:
+    """A run's summary (status, models, scores, proposals, usage), then one line per step and proposal.
+
+    Example: autodiff runs show runs/object_count-20261124-101500
+    """
+    from .browse import show_run
+
+    run_guarded(show_run, run_dir, json_out)
+
+
+@app.command()
+def diff(run_dir: Path = typer.Argument(..., help="A run directory (or a run's name under runs/)."),
+         lines: bool = typer.Option(False, "--lines", help="A line-level unified diff instead of a word-level one."),
+         context: int = typer.Option(3, "--context", min=0, help="Unchanged lines shown around each change.")) -> None:
+    """Each param's initial value (resolved.yaml) against its best one (prompts.yaml); coloured on a terminal.
+
+    Without a terminal, removed words read [-like this-] and added ones {+like this+}.
+
+    Examples:
+      autodiff diff runs/object_count-20261124-101500
+      autodiff diff runs/object_count-20261124-101500 --lines
+    """
+    from .browse import diff_command
+
+    run_guarded(diff_command, run_dir, lines, context)
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run directory (or a run's name under runs/).")) -> None:
+    """(Re)write a run's report.md and score.png (score curve, steps, prompt diffs, usage, test scores).
+
+    Prints the report's path.
+
+    Example: autodiff report runs/object_count-20261124-101500
+    """
+    from .report import report_command
+
+    run_guarded(report_command, run_dir)
+
+
+@app.command()
+def init(directory: Path = typer.Argument(Path("."), help="Where to write autodiff.yaml and data/ (made if missing)."),
+         template: str = typer.Option("classification", "--template", "-t",
+                                      help="classification, qa, rag or agent."),
+         force: bool = typer.Option(False, "--force", help="Overwrite existing files.")) -> None:
+    """Scaffold a commented config (DIR/autodiff.yaml) and a tiny dataset (DIR/data/*.jsonl).
+
+    The result passes `autodiff validate` as is; edit it from there.
+
+    Examples:
+      autodiff init my-pipeline --template rag
+      autodiff init . --template agent --force
+    """
+    from .scaffold import init_command
+
+    run_guarded(init_command, directory, template, force)
+
+
 def main() -> None:
     app()
 

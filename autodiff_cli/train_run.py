@@ -24,9 +24,14 @@ SCHEMA_VERSION = 1
 
 def role_models(spec, trainer) -> dict[str, str | None]:
     models = spec.models
+    task = models[_first_task(trainer)].model
     teacher = spec.train.teacher
-    return {"task": models[_first_task(trainer)].model, "backward": models[trainer.backward_model].model,
-            "optimizer": models[trainer.optimizer_model].model, "teacher": models[teacher].model if teacher else None}
+    if teacher:
+        teacher_model = models[teacher].model
+    else:  # the default teacher: the task model at a sampling temperature, only when demos are trained
+        teacher_model = task if spec.train.demos != "off" else None
+    return {"task": task, "backward": models[trainer.backward_model].model,
+            "optimizer": models[trainer.optimizer_model].model, "teacher": teacher_model}
 
 
 def _first_task(trainer) -> str:
@@ -70,7 +75,7 @@ def train_command(config: Path, *, runs_dir: Path, resume: Path | None, dry_run:
     client = make_client(p, concurrency=concurrency, no_cache=no_cache)
     trainer = Trainer(p.program, client, splits)
     for model in sorted({*(n.model for n in p.program.all_nodes() if n.kind == "llm"),
-                         trainer.backward_model, trainer.optimizer_model}):
+                         trainer.backward_model, trainer.optimizer_model, *filter(None, [spec.train.teacher])}):
         client.check(model)
     if dry_run:
         from .projection import print_projection
@@ -155,6 +160,7 @@ def train_command(config: Path, *, runs_dir: Path, resume: Path | None, dry_run:
     rd.write_prompts(state.best_values or state.values)
     summary = summary_of(rd, spec, trainer, state, status, reason, tests, config)
     rd.write_summary(summary)
+    _write_report(rd, secrets)
     log(f"{status}: {reason}; best val {_f(state.best_val)} at step {state.best_step} (initial {_f(state.initial_val)})"
         + (f"; test {_f(tests.get('initial'))} -> {_f(tests.get('best'))}" if tests.get("best") is not None else ""))
     if json_out:
@@ -163,6 +169,17 @@ def train_command(config: Path, *, runs_dir: Path, resume: Path | None, dry_run:
     sys.stdout.flush()
     if code:
         raise typer.Exit(code)
+
+
+def _write_report(rd, secrets: list[str]) -> None:
+    """report.md + score.png; a report that cannot be written never fails the run."""
+    from .errors import AutodiffError
+    from .report import write_report
+
+    try:
+        write_report(rd.path, secrets=secrets)
+    except (AutodiffError, OSError, ValueError) as e:
+        log(f"warning: report not written: {e}")
 
 
 def _f(value) -> str:
