@@ -174,6 +174,7 @@ class Compiler:
         loss = self._metric(self.spec.loss, ("loss",), set(scope.nodes)) if self.spec.loss else metric
         self._check_used(scope, [output, *metric.args.values(), *loss.args.values()], ("nodes",))
         self._check_params()
+        self._check_demos(scope)
         self._check_skip(set(scope.nodes))
         self._check_models()
         self._build_graph(scope, output, metric)
@@ -454,6 +455,42 @@ class Compiler:
             if name not in self.used_params:
                 raise self.err(("params", name), expected="a param that a node's template or args use", got="an unused param")
 
+    def _check_demos(self, scope: Scope) -> None:
+        """A demos param belongs to one llm node (its examples show that node's inputs and output)."""
+        nodes: list[CompiledNode] = []
+
+        def walk(sc: Scope) -> None:
+            for node in sc.nodes.values():
+                nodes.append(node)
+                if node.body:
+                    walk(node.body)
+
+        walk(scope)
+        for name, param in self.spec.params.items():
+            if param.kind != "demos":
+                for key in ("max", "fields"):
+                    if getattr(param, key) is not None:
+                        raise self.err(("params", name, key), expected=f"`{key}` only with `kind: demos`",
+                                       got=f"`{key}` on a `kind: {param.kind}` param")
+                continue
+            users = [n for n in nodes if name in n.params]
+            if any(n.kind != "llm" for n in users):
+                bad = next(n.name for n in users if n.kind != "llm")
+                raise self.err(("params", name, "kind"), expected="a demos param read by an llm node's template",
+                               got=f"`{name}` passed to the function node `{bad}`")
+            if len(users) != 1:
+                raise self.err(("params", name, "kind"), expected="a demos param used by exactly one llm node",
+                               got="used by " + ", ".join(f"`{n.name}`" for n in users))
+            for i, field_name in enumerate(param.fields or []):
+                if not field_name or "." in field_name:
+                    raise self.err(("params", name, "fields", i), expected="an example field name, e.g. `question`",
+                                   got=repr(field_name))
+                self.input_fields.add(field_name)  # the data must have it
+        schedule = self.spec.train.demos
+        if schedule != "off" and not any(p.kind == "demos" and p.trainable for p in self.spec.params.values()):
+            raise self.err(("train", "demos"), expected="a trainable `kind: demos` param for a demo schedule",
+                           got=f"`{schedule}` with none")
+
     def _check_skip(self, top_nodes: set[str]) -> None:
         all_names = {n for n in self._all_names()}
         for i, skip in enumerate(self.spec.skip):
@@ -467,6 +504,9 @@ class Compiler:
                 raise self.err(("skip", i, "to"), expected="a param name", got=repr(skip.to))
             if not self.spec.params[skip.to].trainable:
                 raise self.err(("skip", i, "to"), expected="a trainable param", got=f"`{skip.to}` (trainable: false)")
+            if self.spec.params[skip.to].kind == "demos":
+                raise self.err(("skip", i, "to"), expected="a prompt param (demos get no textual feedback)",
+                               got=f"the demos param `{skip.to}`")
 
     def _all_names(self) -> list[str]:
         names: list[str] = []

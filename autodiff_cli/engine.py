@@ -78,9 +78,15 @@ class _Run:
 
 
 class ForwardEngine:
-    def __init__(self, program: Program, client: Any) -> None:
+    def __init__(self, program: Program, client: Any, *, models: dict[str, str] | None = None,
+                 role: str = "task", salt: str | int | None = None) -> None:
+        """`models` maps a node's model config to the one used instead (e.g. a teacher); `role` is the
+        usage role of the llm calls; `salt` joins their cache keys (e.g. a teacher's try number)."""
         self.program = program
         self.client = client  # autodiff_cli.llm.client.ModelClient (or anything with `complete`)
+        self.models = dict(models or {})
+        self.role = role
+        self.salt = salt
 
     async def run(self, example_id: str, fields: dict[str, Any], values: dict[str, str]) -> Trace:
         """Run one example with the given parameter values; model errors end up in trace.error."""
@@ -149,9 +155,11 @@ class ForwardEngine:
                 except Exception as e:  # TemplateError: e.g. a field this example lacks
                     raise PipelineError(f"nodes.{node.name}.{role}: {e} (example {run.trace.example_id})") from None
         call.messages = messages
-        call.model = node.model
+        call.model = self.models.get(node.model, node.model)
+        extra = {} if self.salt is None else {"salt": self.salt}
         try:
-            reply = await self.client.complete(node.model, messages, role="task", json_schema=node.spec.json_schema)
+            reply = await self.client.complete(call.model, messages, role=self.role, json_schema=node.spec.json_schema,
+                                               **extra)
         except ModelCallError as e:
             call.error = e.message
             run.trace.calls.append(call)

@@ -3,7 +3,8 @@
 - yaml / json: `{"params": {name: value}, "nodes": {node: {"system": text, "user": text}}}`, loadable by
   `autodiff eval --prompts` (which reads `params`). Node prompts are rendered with the run's param
   values; everything else stays a visible placeholder (`{{ input.question }}`, `{{ retrieve }}`).
-- md: a readable document: run, best step and score, each node's prompts, each param's value.
+- md: a readable document: run, best step and score, each node's prompts, each param's value (a demos
+  param's also the example ids behind it, from the checkpoint).
 - config: the run's resolved.yaml with every `params.<name>.value` replaced by the best value. Its
   relative paths are relative to the original config's folder: put the file there (or use absolute
   paths) and `autodiff eval` on it scores exactly as the run's best prompts.
@@ -296,6 +297,20 @@ def _config(view: RunView) -> str:
     return "\n".join(header) + "\n" + dump_yaml(baked)
 
 
+def best_demo_ids(view: RunView) -> dict[str, dict]:
+    """The demo ids behind the best values' demos params (from the checkpoint's history), if any."""
+    try:
+        state = (view.run.read_checkpoint() or {}).get("state") or {}
+    except AutodiffError:
+        return {}
+    step = _best(view).get("step", state.get("best_step"))
+    for entry in reversed(state.get("history") or []):
+        if isinstance(entry, dict) and entry.get("step") == step:
+            ids = entry.get("demo_ids")
+            return ids if isinstance(ids, dict) else {}
+    return {}
+
+
 def _fence(text: str, info: str = "text") -> str:
     longest = max((len(m) for m in re.findall(r"`{3,}", text)), default=2)
     fence = "`" * max(3, longest + 1)
@@ -337,12 +352,17 @@ def _markdown(view: RunView) -> str:
 
     lines += ["## Params", ""]
     entries = _param_entries(view.resolved)
+    demo_ids = best_demo_ids(view)
     for pname, value in view.values.items():
         entry = entries.get(pname) if isinstance(entries.get(pname), dict) else {}
         facts = [str(entry.get("kind") or "prompt")]
         if entry.get("trainable", True) is False:
             facts.append("not trainable")
         facts.append("changed by training" if value != view.initial.get(pname) else "unchanged")
+        ids = demo_ids.get(pname) or {}
+        for kind, what in (("bootstrapped", "teacher-traced demos"), ("raw", "labelled demos")):
+            if ids.get(kind):
+                facts.append(f"{what} from examples " + ", ".join(f"`{i}`" for i in ids[kind]))
         lines += [f"### `{pname}`", "", f"{', '.join(facts)}" + (f" — {entry['role']}" if entry.get("role") else ""), "",
                   _fence(value), ""]
     return "\n".join(lines).rstrip("\n") + "\n"

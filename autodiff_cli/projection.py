@@ -50,18 +50,23 @@ def project(program: Program, splits: dict[str, list[Example]], trainer) -> dict
         per_example_tokens += times * (_prompt_tokens(node, sample, values) + reply)
     n_val, n_test = len(splits["val"]), len(splits.get("test", []))
     steps = trainer.total_steps() if cfg.mode != "none" else 0
+    demo_steps = sum(1 for s in range(1, steps + 1) if trainer.step_kind(s) == "demos")
+    text_steps = steps - demo_steps
     subset = cfg.max_error_samples + cfg.max_correct_samples
     task_examples = n_val + steps * (cfg.batch_size + cfg.max_proposals * (subset + n_val)) + 2 * n_test
     n_params = len(trainer.trainable) or 1
-    backward_calls = steps * cfg.max_error_samples * per_example_calls if cfg.mode == "autodiff" else 0
-    optimizer_calls = steps * cfg.max_proposals * (n_params if cfg.propose == "joint" else 1)
+    backward_calls = text_steps * cfg.max_error_samples * per_example_calls if cfg.mode == "autodiff" else 0
+    optimizer_calls = text_steps * cfg.max_proposals * (n_params if cfg.propose == "joint" else 1)
     if cfg.mode == "none":
         backward_calls = optimizer_calls = 0
+    # on demo steps the teacher runs each training example seen so far at most once (up to its tries)
+    teacher_examples = min(len(splits["train"]), steps * cfg.batch_size) if demo_steps else 0
+    teacher_calls = teacher_examples * per_example_calls * (trainer.teacher.tries if demo_steps else 0)
     return {
         "task": {"calls": task_examples * per_example_calls, "tokens": task_examples * per_example_tokens},
         "backward": {"calls": backward_calls, "tokens": backward_calls * (2 * per_example_tokens // max(per_example_calls, 1) + 600)},
         "optimizer": {"calls": optimizer_calls, "tokens": optimizer_calls * 2500},
-        "teacher": {"calls": 0, "tokens": 0},
+        "teacher": {"calls": teacher_calls, "tokens": teacher_calls * (per_example_tokens // max(per_example_calls, 1))},
     }
 
 

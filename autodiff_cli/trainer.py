@@ -6,9 +6,11 @@ One step:
      step backpropagates at most max_error_samples failed and max_correct_samples correct
      (a step whose minibatch has no failure is skipped)
   3. backward (mode autodiff): textual gradients for the failed examples only
-  4. up to max_proposals proposals from the optimizer; each must beat the subset's score
-     (stage 1), then strictly beat the best validation score (stage 2, early-stopped);
-     the first that passes is accepted, the others are reverted
+  4. up to max_proposals proposals; each must beat the subset's score (stage 1), then strictly
+     beat the best validation score (stage 2, early-stopped); the first that passes is
+     accepted, the others are reverted
+A step proposes either text (steps 3-4: gradients and the GDPO optimizer) or demos (a teacher
+bootstraps the minibatch, then demo sets are sampled; optim/demos.py), as `train.demos` says.
 After each step the run directory gets metrics, traces, prompts, checkpoint and summary, so
 `--resume` continues exactly from the last completed step.
 """
@@ -20,7 +22,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from .compiler import Program
 from .data.loaders import Example
@@ -29,7 +31,7 @@ from .errors import BudgetExhausted, ErrorRateExceeded, ModelCallError
 from .evaluate import EvalReport, evaluate
 from .grad.backward import BackwardEngine, Gradient, canonical
 from .grad.loss import Evaluation, evaluate_loss, llm_evaluation
-from .optim import gdpo
+from .optim import demos, gdpo
 from .trace import Trace
 
 log = logging.getLogger("autodiff.train")
@@ -79,6 +81,11 @@ class TrainState:
     usage: dict = field(default_factory=dict)
     wall_seconds: float = 0.0
     stop_reason: str | None = None
+    # demos: the teacher's runs {example id: {tries, score, outputs {param: node output}}}, the
+    # student's latest training score per example, and the demo ids behind each demos value
+    teacher: dict[str, dict] = field(default_factory=dict)
+    student_scores: dict[str, float] = field(default_factory=dict)
+    demo_ids: dict[str, dict[str, list[str]]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -86,6 +93,16 @@ class TrainState:
     @classmethod
     def from_dict(cls, data: dict) -> "TrainState":
         return cls(**data)
+
+
+@dataclass
+class ProposalSource:
+    """Where one step's proposals come from: `next(attempt, failed)` -> (new values, demo ids or
+    None, trace rows, why there is no proposal when new values are empty)."""
+
+    next: Callable[[int, list[gdpo.FailedProposal]], Awaitable[tuple[dict, dict | None, list[dict], str]]]
+    validate: bool
+    max_proposals: int
 
 
 class Trainer:
@@ -106,6 +123,15 @@ class Trainer:
         self.backward_engine = BackwardEngine(program, client, self.backward_model, self.trainable)
         self.pools: dict[str, PoolEntry] = {}
         self.by_id = {e.id: e for e in splits["train"]}
+        self.demo_params = demos.demo_params(program)
+        self.trainable_demos = [n for n, p in program.params.items() if p.trainable and p.kind == "demos"]
+        self._teacher: demos.Teacher | None = None
+
+    @property
+    def teacher(self) -> demos.Teacher:
+        if self._teacher is None:
+            self._teacher = demos.Teacher(self.program, self.client, self.cfg.teacher, self.cfg.fail_threshold)
+        return self._teacher
 
     # ---------------------------------------------------------------- schedule
 
@@ -125,6 +151,10 @@ class Trainer:
 
     def epoch_of(self, step: int) -> int:
         return (step - 1) // self.batches_per_epoch()
+
+    def step_kind(self, step: int) -> str:
+        """"text" or "demos", by the `train.demos` schedule."""
+        return demos.step_kind(self.cfg.demos, step, self.total_steps())
 
     # ---------------------------------------------------------------- scoring helpers
 
@@ -162,7 +192,8 @@ class Trainer:
                                     f"after a retry; first: {report.first_error()}")
         state.initial_val = state.best_val = report.score
         state.best_values = dict(state.values)
-        state.history.append({"step": 0, "values": dict(state.values), "val_score": report.score})
+        state.history.append({"step": 0, "values": dict(state.values), "val_score": report.score,
+                              "demo_ids": dict(state.demo_ids)})
 
     async def test_scores(self, state: TrainState) -> dict[str, float | None]:
         if "test" not in self.splits:
@@ -207,12 +238,15 @@ class Trainer:
         started = time.perf_counter()
         usage_before = self.client.usage.copy()
         batch = self.batch_for(step)
-        row: dict[str, Any] = {"step": step, "epoch": self.epoch_of(step), "batch_ids": [e.id for e in batch],
-                               "batch_score": None, "subset_score": None, "proposals": [],
-                               "val_score": None, "best_val": state.best_val, "skipped": None}
+        kind = self.step_kind(step)
+        row: dict[str, Any] = {"step": step, "epoch": self.epoch_of(step), "kind": kind,
+                               "batch_ids": [e.id for e in batch], "batch_score": None, "subset_score": None,
+                               "proposals": [], "val_score": None, "best_val": state.best_val, "skipped": None}
         trace_rows: list[dict] = []
         self.on_phase("forward", {"step": step})
         entries = await self.forward(batch, state.values)
+        for entry in entries:
+            state.student_scores[entry.example.id] = entry.score
         if entries:
             row["batch_score"] = sum(e.score for e in entries) / len(entries)
         if not any(e.score < self.cfg.fail_threshold for e in entries):
@@ -230,35 +264,28 @@ class Trainer:
         row["subset_ids"] = [e.example.id for e in subset]
         row["subset_score"] = subset_score = sum(e.score for e in subset) / len(subset)
 
-        evaluations = {e.example.id: evaluate_loss(self.program, e.trace, e.score, self.cfg.fail_threshold) for e in subset}
-        gradients: list[Gradient] = []
-        if self.strategy.gradients:
-            backprop = subset if self.strategy.backprop_correct else failed
-            self.on_phase("backward", {"step": step, "examples": len(backprop)})
-            gradients = await self._backward(backprop, evaluations)
-            trace_rows += [{"kind": "gradient", **g.row()} for g in gradients]
-        targets = self._params_to_change(gradients, failed)
-        if not targets:
-            row["skipped"] = "no parameter received feedback"
+        if kind == "demos":
+            source = await self._demo_source(state, step, batch, trace_rows)
+        else:
+            source = await self._text_source(state, step, failed, subset, trace_rows)
+        if isinstance(source, str):
+            row["skipped"] = source
             return self._finish_row(state, row, usage_before, started), trace_rows
 
         failed_proposals: list[gdpo.FailedProposal] = []
-        for attempt in range(1, (self.strategy.max_proposals or self.cfg.max_proposals) + 1):
-            self.on_phase("propose", {"step": step, "proposal": attempt})
-            changing = targets if self.cfg.propose == "joint" else [targets[(attempt - 1) % len(targets)]]
-            proposals = await asyncio.gather(*(
-                self._propose(self._request(state, p, gradients, subset, evaluations, failed_proposals))
-                for p in changing))
-            trace_rows += [{"kind": "proposal", "step": step, "attempt": attempt, "param": p.param,
-                            "value": p.value, "method": p.method, "reason": p.reason, "raw": p.raw} for p in proposals]
-            new = {p.param: p.value for p in proposals if p.value is not None}
-            if new and not self.strategy.validate:
+        for attempt in range(1, source.max_proposals + 1):
+            self.on_phase("propose", {"step": step, "proposal": attempt, "kind": kind})
+            new, demo_ids, rows, why_none = await source.next(attempt, failed_proposals)
+            trace_rows += rows
+            if new and not source.validate:
                 record = await self._take(state, step, new)
             elif new:
-                record = await self._judge(state, step, attempt, new, subset, subset_score)
+                record = await self._judge(state, step, attempt, new, subset, subset_score, demo_ids)
             else:
                 record = {"params": {}, "subset_score": None, "val_score": None, "accepted": False,
-                          "reason": "no usable proposal: " + "; ".join(p.reason for p in proposals)}
+                          "reason": why_none}
+            if demo_ids:
+                record["demo_ids"] = demo_ids
             row["proposals"].append(record)
             self.on_phase("proposal", {"step": step, "proposal": attempt, "accepted": record["accepted"],
                                        "why": record["reason"]})
@@ -270,9 +297,66 @@ class Trainer:
                                                             record["reason"]))
         return self._finish_row(state, row, usage_before, started), trace_rows
 
+    async def _text_source(self, state: TrainState, step: int, failed: list[PoolEntry], subset: list[PoolEntry],
+                           trace_rows: list[dict]) -> ProposalSource | str:
+        """Backward pass, then GDPO proposals for the params with feedback (or why there are none)."""
+        evaluations = {e.example.id: evaluate_loss(self.program, e.trace, e.score, self.cfg.fail_threshold) for e in subset}
+        gradients: list[Gradient] = []
+        if self.strategy.gradients:
+            backprop = subset if self.strategy.backprop_correct else failed
+            self.on_phase("backward", {"step": step, "examples": len(backprop)})
+            gradients = await self._backward(backprop, evaluations)
+            trace_rows += [{"kind": "gradient", **g.row()} for g in gradients]
+        targets = self._params_to_change(gradients, failed)
+        if not targets:
+            return "no parameter received feedback"
+
+        async def next_proposal(attempt: int, failed_proposals: list[gdpo.FailedProposal]):
+            changing = targets if self.cfg.propose == "joint" else [targets[(attempt - 1) % len(targets)]]
+            proposals = await asyncio.gather(*(
+                self._propose(self._request(state, p, gradients, subset, evaluations, failed_proposals))
+                for p in changing))
+            rows = [{"kind": "proposal", "step": step, "attempt": attempt, "param": p.param, "value": p.value,
+                     "method": p.method, "reason": p.reason, "raw": p.raw} for p in proposals]
+            new = {p.param: p.value for p in proposals if p.value is not None}
+            return new, None, rows, "no usable proposal: " + "; ".join(p.reason for p in proposals)
+
+        return ProposalSource(next_proposal, self.strategy.validate, self.strategy.max_proposals or self.cfg.max_proposals)
+
+    async def _demo_source(self, state: TrainState, step: int, batch: list[Example],
+                           trace_rows: list[dict]) -> ProposalSource | str:
+        """The teacher bootstraps the minibatch and the failed pool, then demo sets are sampled.
+        Demo proposals are always validated (whatever the mode), like the paper's demo optimizer."""
+        targets = self.trainable_demos
+        pending = list({e.id: e for e in batch + [self.by_id[i] for i in state.failed_pool]
+                        if e.id not in state.teacher}.values())
+        if pending:
+            self.on_phase("bootstrap", {"step": step, "examples": len(pending), "tries": self.teacher.tries})
+            runs = await self.teacher.run(pending, state.values, [self.demo_params[p] for p in targets])
+            state.teacher.update(runs)
+            trace_rows += [{"kind": "teacher", "step": step, "example_id": i, **r} for i, r in sorted(runs.items())]
+
+        async def next_proposal(attempt: int, failed_proposals: list[gdpo.FailedProposal]):
+            changing = targets if self.cfg.propose == "joint" else [targets[(attempt - 1) % len(targets)]]
+            new: dict[str, str] = {}
+            ids: dict[str, dict[str, list[str]]] = {}
+            rows: list[dict] = []
+            for p in changing:
+                tried = {f.values[p] for f in failed_proposals if p in f.values}
+                picked = demos.propose(self.demo_params[p], seed=self.cfg.seed, step=step, attempt=attempt,
+                                       teacher=state.teacher, student=state.student_scores, examples=self.by_id,
+                                       current=state.values[p], tried=tried)
+                if picked is not None:
+                    new[p], ids[p] = picked
+                    rows.append({"kind": "demos", "step": step, "attempt": attempt, "param": p,
+                                 "ids": ids[p], "value": new[p]})
+            return new, ids, rows, "no demo set left to try (no new bootstrapped or labelled examples)"
+
+        return ProposalSource(next_proposal, True, self.cfg.max_proposals)
+
     async def _judge(self, state: TrainState, step: int, attempt: int, new: dict[str, str],
-                     subset: list[PoolEntry], subset_score: float) -> dict:
-        """Two-stage validation of one proposal; on acceptance commits it to `state`."""
+                     subset: list[PoolEntry], subset_score: float, demo_ids: dict | None = None) -> dict:
+        """Two-stage validation of one proposal (any param kind); on acceptance commits it to `state`."""
         record = {"params": new, "subset_score": None, "val_score": None, "accepted": False, "reason": ""}
         state.proposals["tried"] += 1
         candidate = {**state.values, **new}
@@ -294,7 +378,9 @@ class Trainer:
             record.update(val_score=report.score, accepted=True, reason="beats the best validation score")
             state.values = state.best_values = candidate
             state.best_val, state.best_step = report.score, step
-            state.history.append({"step": step, "values": dict(candidate), "val_score": report.score})
+            state.demo_ids.update(demo_ids or {})
+            state.history.append({"step": step, "values": dict(candidate), "val_score": report.score,
+                                  "demo_ids": dict(state.demo_ids)})
             state.proposals["accepted"] += 1
             # the moving batch restarts from the new values
             state.failed_pool, state.correct_pool = [], []
@@ -315,7 +401,8 @@ class Trainer:
         state.proposals["accepted"] += 1
         if report.score is not None and not report.errors and (state.best_val is None or report.score > state.best_val):
             state.best_val, state.best_step, state.best_values = report.score, step, dict(state.values)
-            state.history.append({"step": step, "values": dict(state.values), "val_score": report.score})
+            state.history.append({"step": step, "values": dict(state.values), "val_score": report.score,
+                                  "demo_ids": dict(state.demo_ids)})
         return record
 
     def _finish_row(self, state: TrainState, row: dict, usage_before, started: float) -> dict:
@@ -348,7 +435,7 @@ class Trainer:
     def _request(self, state: TrainState, param: str, gradients: list[Gradient], subset: list[PoolEntry],
                  evaluations: dict[str, Evaluation], failed: list[gdpo.FailedProposal]) -> gdpo.ProposalRequest:
         specs = self.program.params
-        view = lambda n: gdpo.ParamView(n, state.values[n], specs[n].role)  # noqa: E731
+        view = lambda n: gdpo.ParamView(n, state.values[n], specs[n].role or _default_role(specs[n]))  # noqa: E731
         peers = sorted({p for node in self.program.all_nodes() if param in node.params for p in node.params} - {param})
         others = [p for p in specs if p in self.trainable and p != param and p not in peers]
         feedback = [gdpo.FeedbackItem(g.example_id, g.score, g.node, g.call_index, g.topo_index, g.feedback)
@@ -396,6 +483,10 @@ class Trainer:
                 state.stop_reason = f"no improvement in {self.cfg.patience} steps (patience)"
                 break
         return state
+
+
+def _default_role(spec) -> str | None:
+    return demos.ROLE if spec.kind == "demos" else None
 
 
 def _task_model(program: Program) -> str:

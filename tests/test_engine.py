@@ -139,3 +139,20 @@ def test_until_that_cannot_read_the_output_lets_the_loop_run_to_max_iters(tmp_pa
     trace = run(program, client, "q", {"question": "capital of France", "answer": "Paris"})
     assert [c.call_index for c in trace.calls_of("query")] == [0, 1, 2]  # max_iters 3, no crash
     assert "the loop goes on" in caplog.text
+
+
+def test_engine_can_run_another_model_config_under_another_role_with_a_salt(tmp_path):
+    from autodiff_cli.engine import ForwardEngine
+
+    program, client = build(tmp_path, CHAIN, [{"id": "a", "question": "How many apples?", "answer": "3"}])
+    write(tmp_path / "other.yaml", 'default: "Answer: 7"\n')
+    client.add_model("other", client.models["task"].model_copy(update={"model": "fake/other.yaml"}))
+    fields = {"question": "How many apples?", "answer": "3"}
+    engine = ForwardEngine(program, client, models={"task": "other"}, role="teacher", salt=1)
+    trace = asyncio.run(engine.run("a", fields, initial_values(program.spec)))
+    assert trace.calls[0].model == "other" and trace.output == "7"
+    usage = client.usage.to_dict()
+    assert usage["teacher"]["calls"] == 1 and usage["task"]["calls"] == 0
+    assert asyncio.run(engine.run("a", fields, initial_values(program.spec))).calls[0].cache_hit
+    salted = ForwardEngine(program, client, models={"task": "other"}, role="teacher", salt=2)
+    assert not asyncio.run(salted.run("a", fields, initial_values(program.spec))).calls[0].cache_hit

@@ -81,6 +81,12 @@ def test_fail_times_counts_per_messages(tmp_path):
             fake.respond(script, user("boom"))
 
 
+def test_replies_come_in_turn_per_messages(tmp_path):
+    script = fake.load_script(write(tmp_path, r"rules: [{match: 'coin (\w+)', replies: ['tails {1}', 'heads {1}']}]" + "\n"))
+    assert [fake.respond(script, user("coin a")) for _ in range(3)] == ["tails a", "heads a", "heads a"]
+    assert fake.respond(script, user("coin b")) == "tails b"  # other messages have their own turn
+
+
 def test_missing_script_is_model_not_found(tmp_path):
     with pytest.raises(ModelNotFound, match="not found"):
         fake.load_script(tmp_path / "nope.yaml")
@@ -93,6 +99,7 @@ def test_missing_script_is_model_not_found(tmp_path):
         ("rules: [{match: x}]", "reply"),
         ("rules: [{match: '(', reply: y}]", "bad regex"),
         ("rules: [{match: x, reply: y, colour: red}]", "unknown keys"),
+        ("rules: [{match: x, replies: []}]", "non-empty list"),
         ("[1, 2]", "expected a mapping"),
     ],
 )
@@ -185,4 +192,5 @@ def test_docstring_example_is_a_valid_script(tmp_path):
     script = fake.load_script(write(tmp_path, example))
     assert fake.respond(script, user("a fruit kiwi")) == "Answer: kiwi"
     assert fake.respond(script, user("unknown")) == "I don't know."
-    assert [r.error for r in script.rules] == [None, None, "500", "500"]
+    assert [r.error for r in script.rules] == [None, None, "500", "500", None]
+    assert [fake.respond(script, user("coin")) for _ in range(3)] == ["tails", "heads", "heads"]

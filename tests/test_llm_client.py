@@ -227,6 +227,27 @@ def test_cache_key_ignores_api_key_but_follows_model_identity_and_params(tmp_pat
     assert not ask(a, "q").cache_hit
 
 
+def test_a_salt_joins_the_cache_key_only_when_given(tmp_path):
+    write_script(tmp_path)
+    client = make_client(tmp_path)
+    target = client._target("m")
+    messages = [{"role": "user", "content": "q"}]
+    plain = asyncio.run(client._cache_payload(target, messages, None))
+    assert "salt" not in plain and plain == asyncio.run(client._cache_payload(target, messages, None, None))
+    ask(client, "q")
+    assert ask(client, "q").cache_hit
+    assert not ask(client, "q", salt=1).cache_hit and not ask(client, "q", salt=2).cache_hit
+    assert ask(client, "q", salt=1).cache_hit
+
+
+def test_added_model_configs_are_callable(tmp_path):
+    write_script(tmp_path)
+    client = make_client(tmp_path)
+    client.add_model("m@hot", client.models["m"].model_copy(update={"temperature": 0.7}))
+    assert asyncio.run(client.complete("m@hot", [{"role": "user", "content": "q"}], role="teacher")).text == "the answer"
+    assert client.usage.to_dict()["teacher"]["calls"] == 1
+
+
 def test_no_cache_means_every_call_is_sent(tmp_path):
     script = write_script(tmp_path)
     client = make_client(tmp_path, cache=False)

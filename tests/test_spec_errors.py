@@ -259,10 +259,23 @@ def test_rate_limit_is_not_implemented_yet(project):
     assert_refused(r, f"{spec}:{line_of(text, 'rpm')}", "models.task.rpm", "not implemented yet")
 
 
-def test_demos_param_is_not_implemented_yet(project):
-    text = edit(BASE, '    value: "Count the objects."', '    kind: demos\n    value: "Count the objects."')
+def test_demo_schedule_needs_a_demos_param(project):
+    text = BASE + "train: {demos: interleaved}\n"
     r, spec = validate(project, text)
-    assert_refused(r, f"{spec}:{line_of(text, 'kind: demos')}", "params.instruction.kind", "not implemented yet")
+    assert_refused(r, f"{spec}:{line_of(text, 'demos: interleaved')}", "train.demos", "`kind: demos` param")
+
+
+def test_shots_only_on_demos_params(project):
+    text = edit(BASE, '    value: "Count the objects."', '    value: "Count the objects."\n    max: 2')
+    r, spec = validate(project, text)
+    assert_refused(r, f"{spec}:{line_of(text, 'max: 2')}", "params.instruction.max", "only with `kind: demos`")
+
+
+def test_demos_param_belongs_to_one_llm_node(project):
+    text = edit(BASE, '    value: "Count the objects."', '    kind: demos')
+    text = edit(text, "    fn: last_integer\n    args: {text: count}", "    fn: join\n    args: {items: count, sep: instruction}")
+    r, spec = validate(project, text)
+    assert_refused(r, f"{spec}:{line_of(text, 'kind: demos')}", "params.instruction.kind", "read by an llm node")
 
 
 # ---------------------------------------------------------------- references and templates

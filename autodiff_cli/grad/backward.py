@@ -173,7 +173,7 @@ class BackwardEngine:
         keys += [{"key": _input_key(n), "description": f"the input `{n}` (output of {', '.join(v.sources)}): {_short(v.value, 600)}"}
                  for n, v in upstream.items()]
         spec_params = self.program.params
-        node_params = [{"name": p, "role": spec_params[p].role or "prompt", "value": value,
+        node_params = [{"name": p, "role": spec_params[p].role or _default_role(spec_params[p]), "value": value,
                         "trainable": p in self.trainable} for p, value in call.params.items()]
         msgs = metaprompts.messages("backward_llm", failed=ev.failed, call_id=call.id, node=call.node, example_id=trace.example_id,
                                     iteration=call.iteration, messages=call.messages or [], output=_short(call.output),
@@ -236,3 +236,11 @@ class BackwardEngine:
     @staticmethod
     def _gradient(trace: Trace, ev: Evaluation, call: Call, target: str, text: str) -> Gradient:
         return Gradient(trace.example_id, ev.score, call.node, call.call_index, call.topo_index, target, text)
+
+
+def _default_role(spec) -> str:
+    if spec.kind == "demos":
+        from ..optim.demos import ROLE
+
+        return ROLE
+    return "prompt"

@@ -83,6 +83,11 @@ class ModelClient:
         self._semaphores: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Semaphore]] = {}
         self.before_call: Callable[[str], None] | None = None
 
+    def add_model(self, name: str, cfg: "ModelConfig") -> None:
+        """Register a config the spec does not name (e.g. the default teacher: task at another temperature)."""
+        self.models[name] = cfg
+        self._targets.pop(name, None)
+
     # --- checks --------------------------------------------------------------------------------
 
     def check(self, model_name: str) -> None:
@@ -134,8 +139,11 @@ class ModelClient:
     # --- calls ---------------------------------------------------------------------------------
 
     async def complete(
-        self, model_name: str, messages: list[dict], *, role: str = "task", json_schema: dict | None = None
+        self, model_name: str, messages: list[dict], *, role: str = "task", json_schema: dict | None = None,
+        salt: str | int | None = None,
     ) -> Completion:
+        """One reply. `salt` (e.g. a try number) joins the cache key, so repeated tries of the same
+        messages are separate calls; without it the key is unchanged."""
         started = time.monotonic()
         target = self._target(model_name)
         api_key = self._api_key(target.cfg, model_name)
@@ -143,7 +151,7 @@ class ModelClient:
         response_format = response_format_for(json_schema)
         key = None
         if self.cache is not None:
-            key = self.cache.key(await self._cache_payload(target, messages, response_format))
+            key = self.cache.key(await self._cache_payload(target, messages, response_format, salt))
             hit = self.cache.get(key)
             if hit is not None:
                 self.usage.record(role, cached_calls=1)
@@ -220,8 +228,8 @@ class ModelClient:
         except Exception:  # noqa: BLE001 - litellm does not know every model's price
             return 0.0
 
-    async def _cache_payload(self, target: Target, messages, response_format) -> dict:
-        return {
+    async def _cache_payload(self, target: Target, messages, response_format, salt=None) -> dict:
+        payload = {
             "v": CACHE_FORMAT,
             "provider": target.provider,
             "model": await self._identity(target),
@@ -229,6 +237,9 @@ class ModelClient:
             "params": target.cfg.generation_params(),
             "response_format": response_format,
         }
+        if salt is not None:
+            payload["salt"] = salt
+        return payload
 
     async def _identity(self, target: Target) -> dict:
         if target.provider == "local":

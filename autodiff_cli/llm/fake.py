@@ -16,14 +16,16 @@ usage) with no model at all. The script is YAML:
         reply: "ok"
       - match: "boom"
         error: 500               # no fail_times: always fails
+      - match: "coin"
+        replies: ["tails", "heads"]   # successive calls with the same messages, in turn (the last repeats)
     default: "I don't know."     # reply when no rule matches; omitted: echo the last user message
     latency: 0.0                 # seconds of simulated latency per call
 
 Errors are raised as litellm's own exception classes, so the client's retry logic sees exactly
 what a real provider would raise; `empty` replies ''. Only `{0}`-style, `{user}` and `{system}`
 placeholders are replaced, so replies may contain JSON braces. Token usage is a deterministic
-count of whitespace-separated words. `fail_times` counters are per (script, messages) and per
-process.
+count of whitespace-separated words. `fail_times` and `replies` counters are per (script,
+messages) and per process (a cached reply never reaches the script, so it does not count).
 """
 from __future__ import annotations
 
@@ -55,6 +57,7 @@ class Rule:
     error: str | None
     fail_times: int | None
     retry_after: float | None
+    replies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,8 @@ def respond(script: Script, messages: list[dict]) -> str:
             if rule.error == "empty":
                 return ""
             raise ScriptedError(rule.error, rule.retry_after)
+        if rule.replies:
+            return _fill(_next_reply(script, rule, messages), found, messages)
         return _fill(rule.reply or "", found, messages)
     if script.default is None:
         return _text(messages, "user")
@@ -238,7 +243,7 @@ def _parse_rule(path: Path, index: int, raw: Any) -> Rule:
     key = f"rules[{index}]"
     if not isinstance(raw, dict):
         raise SpecError("", file=path, key=key, expected="a mapping", got=type(raw).__name__)
-    unknown = set(raw) - {"match", "in", "reply", "error", "fail_times", "retry_after"}
+    unknown = set(raw) - {"match", "in", "reply", "replies", "error", "fail_times", "retry_after"}
     if unknown:
         raise SpecError(f"unknown keys {sorted(unknown)}", file=path, key=key)
     error = None if raw.get("error") is None else str(raw["error"])
@@ -246,8 +251,12 @@ def _parse_rule(path: Path, index: int, raw: Any) -> Rule:
         error = "500"
     if error is not None and error not in ERROR_KINDS:
         raise SpecError("", file=path, key=f"{key}.error", expected=" | ".join(ERROR_KINDS), got=error)
-    if error is None and raw.get("reply") is None:
-        raise SpecError("a rule needs a `reply` or an `error`", file=path, key=key)
+    replies = raw.get("replies")
+    if replies is not None and (not isinstance(replies, list) or not replies):
+        raise SpecError("", file=path, key=f"{key}.replies", expected="a non-empty list of replies",
+                        got=type(replies).__name__)
+    if error is None and raw.get("reply") is None and not replies:
+        raise SpecError("a rule needs a `reply`, `replies` or an `error`", file=path, key=key)
     where = str(raw.get("in", "user"))
     if where not in WHERE:
         raise SpecError("", file=path, key=f"{key}.in", expected=" | ".join(WHERE), got=where)
@@ -262,6 +271,7 @@ def _parse_rule(path: Path, index: int, raw: Any) -> Rule:
         error=error,
         fail_times=None if raw.get("fail_times") is None else int(raw["fail_times"]),
         retry_after=None if raw.get("retry_after") is None else float(raw["retry_after"]),
+        replies=tuple(str(r) for r in replies or ()),
     )
 
 
@@ -274,6 +284,14 @@ def _recovered(script: Script, rule: Rule, messages: list[dict]) -> bool:
         seen = _attempts.get(key, 0)
         _attempts[key] = seen + 1
     return seen >= rule.fail_times
+
+
+def _next_reply(script: Script, rule: Rule, messages: list[dict]) -> str:
+    key = (script.path + "#replies:" + rule.pattern.pattern, json.dumps(messages, sort_keys=True, ensure_ascii=False))
+    with _lock:
+        seen = _attempts.get(key, 0)
+        _attempts[key] = seen + 1
+    return rule.replies[min(seen, len(rule.replies) - 1)]
 
 
 def _fill(reply: str, found: re.Match, messages: list[dict]) -> str:

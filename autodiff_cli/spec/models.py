@@ -110,8 +110,9 @@ class ParamSpec(Strict):
     value: str = ""
     role: str | None = Field(None, description="what this text is for, shown to the backward engine and optimizer")
     trainable: bool = True
-    max: int | None = Field(None, ge=0, description="demos: how many shots at most")
-    fields: list[str] | None = Field(None, description="demos: which example fields to show")
+    max: int | None = Field(None, ge=0, description="demos: how many shots at most (default 3)")
+    fields: list[str] | None = Field(None, description="demos: which example fields each demo shows "
+                                                      "(default: the `input.X` fields its node reads)")
 
 
 class LLMNode(Strict):
@@ -179,11 +180,18 @@ class TrainSpec(Strict):
     patience: int | None = Field(None, ge=1)
     history_k: int = Field(5, ge=0)
     propose: Literal["joint", "one_at_a_time"] = "joint"
-    demos: Literal["off", "text_then_demos", "demos_then_text", "interleaved", "demos_only"] = "off"
-    teacher: str | None = Field(None, description="a key of `models` used to bootstrap demos")
+    demos: Literal["off", "text_then_demos", "demos_then_text", "interleaved", "demos_only"] = Field(
+        "off", description="which steps propose text and which propose demos")
+    teacher: str | None = Field(None, description="a key of `models` that bootstraps demos "
+                                                  "(default: each node's model at temperature 0.7)")
     seed: int = 0
     max_error_rate: float = Field(0.1, ge=0, le=1)
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
+
+    @field_validator("demos", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
 
 
 class Spec(Strict):
@@ -218,11 +226,4 @@ def unbuilt_keys(spec: Spec) -> list[tuple[tuple, str]]:
             found.append((("models", name, "tpm"), "rate limits"))
         if isinstance(m.api_base, list):
             found.append((("models", name, "api_base"), "several deployments (Router)"))
-    for name, p in spec.params.items():
-        if p.kind == "demos":
-            found.append((("params", name, "kind"), "few-shot demo parameters"))
-    if spec.train.demos != "off":
-        found.append((("train", "demos"), "demo schedules"))
-    if spec.train.teacher is not None:
-        found.append((("train", "teacher"), "demo bootstrapping with a teacher"))
     return found
