@@ -11,6 +11,7 @@ from typing import List, Optional
 
 import typer
 
+from .console import set_quiet
 from .errors import EXIT_INTERRUPTED, AutodiffError
 
 app = typer.Typer(
@@ -96,6 +97,7 @@ def eval_(config: Path = typer.Argument(..., help="The pipeline spec (YAML)."),
           concurrency: Optional[int] = typer.Option(None, "--concurrency", min=1, help="Calls in flight per model config (overrides the spec)."),
           fail_under: Optional[float] = typer.Option(None, "--fail-under", min=0.0, max=1.0, help="Exit 1 if the score is below this fraction."),
           json_out: bool = typer.Option(False, "--json", help="Print one JSON object (split, n, completed, errors, score, usage)."),
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log lines on stderr (errors still show)."),
           out: Optional[Path] = typer.Option(None, "--out", help="Write one JSONL row per example (id, prediction, target, score, error)."),
           no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the call cache."),
           set_: Optional[List[str]] = SetOption) -> None:
@@ -107,6 +109,7 @@ def eval_(config: Path = typer.Argument(..., help="The pipeline spec (YAML)."),
     """
     from .commands import eval_command
 
+    set_quiet(quiet)
     run_guarded(eval_command, config, prompts=prompts, run=run, split=split, limit=limit, concurrency=concurrency,
                 fail_under=fail_under, json_out=json_out, out=out, no_cache=no_cache, overrides=set_ or [])
 
@@ -139,6 +142,7 @@ def train(config: Path = typer.Argument(..., help="The pipeline spec (YAML)."),
           dry_run: bool = typer.Option(False, "--dry-run", help="Project calls and tokens per role; call no model."),
           concurrency: Optional[int] = typer.Option(None, "--concurrency", min=1, help="Calls in flight per model config."),
           json_out: bool = typer.Option(False, "--json", help="Print summary.json's content before the run directory."),
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log lines on stderr (errors still show)."),
           no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the call cache."),
           set_: Optional[List[str]] = SetOption) -> None:
     """Optimize the trainable prompts: forward, textual backward, GDPO proposals, two-stage validation.
@@ -152,6 +156,7 @@ def train(config: Path = typer.Argument(..., help="The pipeline spec (YAML)."),
     """
     from .train_run import train_command
 
+    set_quiet(quiet)
     run_guarded(train_command, config, runs_dir=runs_dir, resume=resume, dry_run=dry_run, concurrency=concurrency,
                 json_out=json_out, no_cache=no_cache, overrides=set_ or [])
 

@@ -11,6 +11,14 @@ from datetime import datetime, timezone
 from typing import Iterator
 
 
+_settings = {"quiet": False}
+
+
+def set_quiet(quiet: bool) -> None:
+    """--quiet: no progress bars or log lines (errors and results still print)."""
+    _settings["quiet"] = quiet
+
+
 def stderr_is_tty() -> bool:
     return sys.stderr.isatty()
 
@@ -28,6 +36,8 @@ def setup_logging() -> None:
 
 
 def log(message: str) -> None:
+    if _settings["quiet"]:
+        return
     stamp = datetime.now(timezone.utc).strftime("%H:%M:%S")
     print(f"[{stamp}] {message}", file=sys.stderr, flush=True)
 
@@ -39,7 +49,7 @@ def _fmt_score(score: float | None) -> str:
 @contextmanager
 def progress(label: str, total: int, enabled: bool = True, bar: bool = True) -> Iterator:
     """Yields update(done, total, errors, score). A bar on a TTY (unless bar=False), else a line every ~10%."""
-    if not enabled:
+    if not enabled or _settings["quiet"]:
         yield lambda *a: None
         return
     if bar and stderr_is_tty():
