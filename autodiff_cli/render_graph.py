@@ -59,19 +59,38 @@ def to_mermaid(program: Program) -> str:
         arrow = f' -->|"{label}"| ' if label else " --> "
         lines.append(f"  {_id(src)}{arrow}{_id(dst)}")
     lines.append(f"  {_id(g.graph['output'])} -.->|output| metric")
+    for skip in program.spec.skip:
+        src = "metric" if skip.from_ == "loss" else _id(skip.from_)
+        lines.append(f"  {src} -.->|skip| {_id('param:' + skip.to)}")
     return "\n".join(lines) + "\n"
 
 
 def to_dot(program: Program) -> str:
     g = program.graph
     lines = [f'digraph "{program.spec.name}" {{', "  rankdir=TB;", '  node [fontname="Helvetica"];']
+    children: dict[str | None, list[str]] = {}
     for name, data in g.nodes(data=True):
-        shape = SHAPES.get(data.get("kind", ""), ("", "", "box"))[2]
-        style = ', style="dashed"' if data.get("kind") == "param" and not data.get("trainable", True) else ""
-        lines.append(f'  {_id(name)} [label="{_label(name, data)}", shape={shape}{style}];')
+        children.setdefault(data.get("parent"), []).append(name)
+
+    def emit_scope(parent: str | None, indent: str) -> None:
+        for name in children.get(parent, []):
+            data = g.nodes[name]
+            shape = SHAPES.get(data.get("kind", ""), ("", "", "box"))[2]
+            style = ', style="dashed"' if data.get("kind") == "param" and not data.get("trainable", True) else ""
+            lines.append(f'{indent}{_id(name)} [label="{_label(name, data)}", shape={shape}{style}];')
+            if data.get("kind") == "loop":  # the body as a cluster, unrolled at run time
+                lines.append(f'{indent}subgraph cluster_{_id(name)} {{')
+                lines.append(f'{indent}  label="{name} body (max {program.node(name).spec.max_iters} iterations)"; style=rounded;')
+                emit_scope(name, indent + "  ")
+                lines.append(f"{indent}}}")
+
+    emit_scope(None, "  ")
     for src, dst, data in g.edges(data=True):
         label = data.get("label")
         lines.append(f'  {_id(src)} -> {_id(dst)}' + (f' [label="{label}"];' if label else ";"))
     lines.append(f'  {_id(g.graph["output"])} -> metric [style=dotted, label="output"];')
+    for skip in program.spec.skip:  # skip connections: evaluations routed straight to a param
+        src = "metric" if skip.from_ == "loss" else _id(skip.from_)
+        lines.append(f'  {src} -> {_id("param:" + skip.to)} [style=dashed, color=gray40, label="skip"];')
     lines.append("}")
     return "\n".join(lines) + "\n"
