@@ -80,6 +80,16 @@ class Scope:
     loop: CompiledNode | None = None
 
 
+def scope_nodes(scope: Scope) -> list[CompiledNode]:
+    """Every node of a scope, loop bodies included, in execution order."""
+    out: list[CompiledNode] = []
+    for node in scope.nodes.values():
+        out.append(node)
+        if node.body is not None:
+            out += scope_nodes(node.body)
+    return out
+
+
 @dataclass
 class Metric:
     fn: Callable
@@ -105,16 +115,7 @@ class Program:
         return self.loaded.spec
 
     def all_nodes(self) -> list[CompiledNode]:
-        out: list[CompiledNode] = []
-
-        def walk(scope: Scope) -> None:
-            for node in scope.nodes.values():
-                out.append(node)
-                if node.body:
-                    walk(node.body)
-
-        walk(self.scope)
-        return out
+        return scope_nodes(self.scope)
 
     def node(self, name: str) -> CompiledNode:
         for n in self.all_nodes():
@@ -457,15 +458,7 @@ class Compiler:
 
     def _check_demos(self, scope: Scope) -> None:
         """A demos param belongs to one llm node (its examples show that node's inputs and output)."""
-        nodes: list[CompiledNode] = []
-
-        def walk(sc: Scope) -> None:
-            for node in sc.nodes.values():
-                nodes.append(node)
-                if node.body:
-                    walk(node.body)
-
-        walk(scope)
+        nodes = scope_nodes(scope)
         for name, param in self.spec.params.items():
             if param.kind != "demos":
                 for key in ("max", "fields"):

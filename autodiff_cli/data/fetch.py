@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
-from autodiff_cli.data.loaders import check_fields, load_examples
+from autodiff_cli.data.loaders import check_fields, decode_utf8, jsonl_rows, load_examples
 from autodiff_cli.errors import DataError, describe
 
 DATASETS = ("object_counting", "trec", "hotpotqa", "gsm8k")
@@ -197,23 +197,9 @@ def _gsm8k(download: Download) -> Splits:
 
 
 def _parse_gsm8k(data: bytes) -> list[dict]:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise DataError(file=GSM8K_URL, line=line, expected="UTF-8 text", got=f"byte 0x{data[exc.start]:02x}") from None
-    rows = []
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(
-                file=GSM8K_URL, line=number, expected="a JSON object", got=f"invalid JSON ({exc.msg})"
-            ) from None
-        rows.append(_gsm8k_row(record, len(rows), number))
-    return rows
+    text = decode_utf8(data, GSM8K_URL)
+    return [_gsm8k_row(record, index, number)
+            for index, (number, record) in enumerate(jsonl_rows(text, GSM8K_URL))]
 
 
 def _gsm8k_row(record: object, index: int, line: int) -> dict:

@@ -35,11 +35,11 @@ def load_examples(path: Path, *, id_field: str = "id", display_path: str | None 
     path = Path(path)
     shown = display_path or str(path)
     data = _read_bytes(path, shown)
-    text = _decode_utf8(data, shown)
+    text = decode_utf8(data, shown)
     if path.suffix.lower() == ".csv":
         rows = _csv_rows(text, shown)
     else:
-        rows = _jsonl_rows(text, shown)
+        rows = jsonl_rows(text, shown)
     examples = [_to_example(row, line, id_field, shown) for line, row in rows]
     if not examples:
         raise DataError(file=shown, expected="at least one example", got="an empty file")
@@ -70,7 +70,7 @@ def _missing_file_hint(path: Path) -> str:
     return "hint: paths in a spec are relative to the config file or to AUTODIFF_DATA"
 
 
-def _decode_utf8(data: bytes, shown: str) -> str:
+def decode_utf8(data: bytes, shown: str) -> str:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -87,7 +87,7 @@ def _decode_utf8(data: bytes, shown: str) -> str:
     return text.removeprefix("\ufeff")  # tolerate a byte-order mark from spreadsheet exports
 
 
-def _jsonl_rows(text: str, shown: str) -> Iterator[tuple[int, dict]]:
+def jsonl_rows(text: str, shown: str) -> Iterator[tuple[int, dict]]:
     # Split on "\n" only: str.splitlines() would also split inside JSON strings holding U+2028 etc.
     for number, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():

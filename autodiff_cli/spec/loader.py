@@ -61,10 +61,13 @@ def located_error(path: Path, lines: dict, overrides: dict, key: KeyPath, cls=Sp
 # ---------------------------------------------------------------- YAML with lines
 
 
-def _walk_lines(node: yaml.Node, path: KeyPath, lines: dict, file: Path, active: frozenset = frozenset()) -> None:
-    if id(node) in active:  # a recursive alias (&a [*a]): its lines are already known
+def _walk_lines(node: yaml.Node, path: KeyPath, lines: dict, file: Path, walked: set | None = None) -> None:
+    walked = set() if walked is None else walked
+    # an alias (*a) is the anchored node itself: walk it once (recursive aliases and alias bombs
+    # like "billion laughs" would otherwise never end); its lines are already known
+    if id(node) in walked:
         return
-    active = active | {id(node)}
+    walked.add(id(node))
     if isinstance(node, yaml.MappingNode):
         seen: dict[Any, int] = {}
         for key_node, value_node in node.value:
@@ -78,11 +81,11 @@ def _walk_lines(node: yaml.Node, path: KeyPath, lines: dict, file: Path, active:
                                 expected="each key once", got=f"a duplicate of line {seen[key]}")
             seen[key] = line
             lines[path + (key,)] = line
-            _walk_lines(value_node, path + (key,), lines, file, active)
+            _walk_lines(value_node, path + (key,), lines, file, walked)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             lines[path + (i,)] = item.start_mark.line + 1
-            _walk_lines(item, path + (i,), lines, file, active)
+            _walk_lines(item, path + (i,), lines, file, walked)
 
 
 def read_yaml(path: Path) -> tuple[Any, dict[KeyPath, int]]:
