@@ -45,6 +45,20 @@ def make_client(pipeline: Pipeline, *, concurrency: int | None, no_cache: bool):
                        cache=None if no_cache else CallCache(), concurrency=concurrency)
 
 
+def check_models(pipeline: Pipeline, client, models) -> None:
+    """`client.check` each model; an error without a place (missing script or GGUF, unset key variable)
+    is located at its key in the spec (or its --set argument)."""
+    from .errors import AutodiffError
+
+    for model in models:
+        try:
+            client.check(model)
+        except AutodiffError as e:
+            if e.file is not None or not e.key:
+                raise
+            raise pipeline.loaded.error(tuple(e.key.split(".")), cls=type(e), message=e.message, hint=e.hint) from None
+
+
 def task_models(pipeline: Pipeline) -> list[str]:
     return sorted({n.model for n in pipeline.program.all_nodes() if n.kind == "llm"})
 
@@ -60,8 +74,7 @@ def validate_command(config: Path, overrides: list[str]) -> None:
     for split in split_names(p.loaded):
         sizes.append(f"{split} {len(load_split(p.loaded, split, p.program.input_fields))}")
     client = make_client(p, concurrency=None, no_cache=True)
-    for model in task_models(p):
-        client.check(model)
+    check_models(p, client, task_models(p))
     nodes = p.program.all_nodes()
     trainable = [n for n, s in p.spec.params.items() if s.trainable]
     print(f"ok: {config}: {len(nodes)} nodes, {len(p.spec.params)} params ({len(trainable)} trainable), "
@@ -100,8 +113,7 @@ def eval_command(config: Path, *, prompts: Path | None, run: Path | None, split:
     if limit is not None:
         examples = examples[:limit]
     client = make_client(p, concurrency=concurrency, no_cache=no_cache)
-    for model in task_models(p):
-        client.check(model)
+    check_models(p, client, task_models(p))
     with progress(f"eval {p.spec.name} [{split}]", len(examples), bar=not json_out) as update:
         report = asyncio.run(evaluate(p.program, examples, values, client, progress=update))
     usage = client.usage.to_dict()

@@ -7,6 +7,7 @@ AutodiffError is printed without a traceback (unless --debug).
 """
 from __future__ import annotations
 
+import reprlib
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,31 @@ EXIT_BUDGET = 4
 EXIT_INTERRUPTED = 130
 
 
+def _few_parts(value: Any, budget: int = 1000) -> bool:
+    """Whether `value` has at most `budget` parts (a YAML alias bomb shares parts: its repr never ends)."""
+    stack, seen = [value], 0
+    while stack:
+        v = stack.pop()
+        seen += 1
+        if seen > budget:
+            return False
+        if isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple, set, frozenset)):
+            stack.extend(v)
+    return True
+
+
+_BOUNDED = reprlib.Repr()
+_BOUNDED.maxlevel, _BOUNDED.maxstring, _BOUNDED.maxother = 3, 200, 200
+
+
 def describe(value: Any, limit: int = 60) -> str:
     """A short, readable rendering of a bad value for an error message."""
     if value is None:
         return "nothing"
-    text = repr(value)
+    text = repr(value) if _few_parts(value) else _BOUNDED.repr(value)
     if len(text) > limit:
         text = text[: limit - 3] + "..."
     return text if isinstance(value, (str, int, float, bool)) else f"{type(value).__name__} {text}"

@@ -57,7 +57,7 @@ def summary_of(rd, spec, trainer, state, status: str, reason: str | None, tests:
 
 def train_command(config: Path, *, runs_dir: Path, resume: Path | None, dry_run: bool, concurrency: int | None,
                   json_out: bool, no_cache: bool, overrides: list[str]) -> None:
-    from .commands import load_pipeline, make_client
+    from .commands import check_models, load_pipeline, make_client
     from .data.splits import load_split, split_names
     from .llm.usage import Usage
     from .prompts_io import initial_values
@@ -74,9 +74,8 @@ def train_command(config: Path, *, runs_dir: Path, resume: Path | None, dry_run:
     splits = {s: load_split(p.loaded, s, p.program.input_fields) for s in names}
     client = make_client(p, concurrency=concurrency, no_cache=no_cache)
     trainer = Trainer(p.program, client, splits)
-    for model in sorted({*(n.model for n in p.program.all_nodes() if n.kind == "llm"),
-                         trainer.backward_model, trainer.optimizer_model, *filter(None, [spec.train.teacher])}):
-        client.check(model)
+    check_models(p, client, sorted({*(n.model for n in p.program.all_nodes() if n.kind == "llm"),
+                                    trainer.backward_model, trainer.optimizer_model, *filter(None, [spec.train.teacher])}))
     if dry_run:
         from .projection import print_projection
 

@@ -101,7 +101,18 @@ def jsonl_rows(text: str, shown: str) -> Iterator[tuple[int, dict]]:
             ) from None
         if not isinstance(row, dict):
             raise DataError(file=shown, line=number, expected="a JSON object", got=describe(row))
+        if "\\u" in raw and not _encodable(row):  # an escaped lone surrogate (\ud800) is no text
+            raise DataError(file=shown, line=number, expected="valid Unicode text",
+                            got="a lone surrogate escape (e.g. \\ud800) that no UTF-8 text can hold")
         yield number, row
+
+
+def _encodable(row: dict) -> bool:
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _csv_rows(text: str, shown: str) -> Iterator[tuple[int, dict]]:

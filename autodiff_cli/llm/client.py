@@ -304,7 +304,9 @@ def retry_after_seconds(error: Exception) -> float | None:
     value = getattr(error, "retry_after", None)
     if value is not None:
         return _seconds(value)
-    headers = getattr(getattr(error, "response", None), "headers", None) or getattr(error, "headers", None) or {}
+    # litellm's OpenAI path keeps the provider's headers in `litellm_response_headers`
+    headers = (getattr(getattr(error, "response", None), "headers", None) or getattr(error, "headers", None)
+               or getattr(error, "litellm_response_headers", None) or {})
     try:
         millis = headers.get("retry-after-ms")
         if millis is not None:

@@ -5,6 +5,7 @@ Every error names the file, the line and the key path, and says what was expecte
 from __future__ import annotations
 
 import copy
+import re
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ..errors import SpecError, describe
-from .models import Spec
+from .models import NAME_PATTERN, SECRET_KEYS, Spec
 
 KeyPath = tuple  # of str | int
 
@@ -68,6 +69,8 @@ def _walk_lines(node: yaml.Node, path: KeyPath, lines: dict, file: Path, walked:
     if id(node) in walked:
         return
     walked.add(id(node))
+    if isinstance(node, yaml.ScalarNode):
+        _check_text(node, path, file)
     if isinstance(node, yaml.MappingNode):
         seen: dict[Any, int] = {}
         for key_node, value_node in node.value:
@@ -75,6 +78,7 @@ def _walk_lines(node: yaml.Node, path: KeyPath, lines: dict, file: Path, walked:
             if not isinstance(key_node, yaml.ScalarNode):
                 raise SpecError(file=file, line=line, key=key_text(path) or None, expected="a plain key (a name)",
                                 got="a list or mapping used as a key")
+            _check_text(key_node, path, file)
             key = key_node.value
             if key in seen:
                 raise SpecError(file=file, line=line, key=key_text(path + (key,)),
@@ -88,6 +92,14 @@ def _walk_lines(node: yaml.Node, path: KeyPath, lines: dict, file: Path, walked:
             _walk_lines(item, path + (i,), lines, file, walked)
 
 
+def _check_text(node: yaml.ScalarNode, path: KeyPath, file: Path) -> None:
+    try:
+        node.value.encode("utf-8")
+    except UnicodeEncodeError:  # a "\ud800" escape: no UTF-8 text (prompt, cache key, run file) can hold it
+        raise SpecError(file=file, line=node.start_mark.line + 1, key=key_text(path) or None, expected="valid Unicode text",
+                        got="a lone surrogate escape (e.g. \\ud800)") from None
+
+
 def read_yaml(path: Path) -> tuple[Any, dict[KeyPath, int]]:
     """Parse one YAML document; return its data and a map key path -> line."""
     try:
@@ -99,7 +111,12 @@ def read_yaml(path: Path) -> tuple[Any, dict[KeyPath, int]]:
     except UnicodeDecodeError as e:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
         raise SpecError(file=path, line=line, expected="UTF-8 text", got=f"the byte {path.read_bytes()[e.start]:#04x}") from None
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as e:  # a character YAML never allows (NUL, other control characters)
+        line = text[: e.position].count("\n") + 1
+        raise SpecError(file=path, line=line, expected="printable text",
+                        got=f"the character U+{e.character:04X} ({e.reason})") from None
     try:
         node = loader.get_single_node()
         if node is None:
@@ -123,10 +140,32 @@ def read_yaml(path: Path) -> tuple[Any, dict[KeyPath, int]]:
 # ---------------------------------------------------------------- --set
 
 
+def _shown_override(arg: str, key: KeyPath = (), value: Any = None) -> str:
+    """The --set argument as error messages show it: `KEY=***` when the value may hold a literal API key."""
+    def secret_in(v: Any) -> bool:
+        stack, seen = [v], set()
+        while stack:  # iterative, each container once: YAML aliases may nest a value in itself
+            v = stack.pop()
+            if isinstance(v, (dict, list)) and id(v) not in seen:
+                seen.add(id(v))
+                if isinstance(v, dict) and any(k in SECRET_KEYS for k in v):
+                    return True
+                stack.extend(v.values() if isinstance(v, dict) else v)
+        return False
+
+    name = arg.partition("=")[0]
+    if key[-1:] == ("api_key_env",) and not (isinstance(value, str) and re.fullmatch(NAME_PATTERN, value)):
+        return f"{name}=***"  # a key where its variable's name belongs
+    if any(p in SECRET_KEYS for p in key) or any(p in SECRET_KEYS for p in name.strip().split(".")) or secret_in(value):
+        return f"{name}=***"
+    return arg
+
+
 def parse_override(arg: str) -> tuple[KeyPath, Any]:
     if "=" not in arg:
         raise SpecError(file=f"--set {arg}", expected="KEY=VALUE (e.g. models.task.model=local/qwen2.5-coder-1.5b)", got=repr(arg))
     key, _, value_text = arg.partition("=")
+    arg = _shown_override(arg)  # for the messages below
     parts: list[str | int] = []
     for part in key.strip().split("."):
         if not part:
@@ -134,9 +173,13 @@ def parse_override(arg: str) -> tuple[KeyPath, Any]:
         parts.append(int(part) if part.isdigit() else part)
     try:
         value = yaml.safe_load(value_text) if value_text.strip() else ""
+        if value_text.strip():  # the checks of a spec file: duplicate keys, lone surrogates (alias-safe)
+            _walk_lines(yaml.compose(value_text, Loader=yaml.SafeLoader), tuple(parts), {}, f"--set {arg}")
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise SpecError(file=f"--set {arg}", key=key, expected="a YAML value", got=f"a syntax error ({problem})") from None
+    except SpecError as e:
+        raise SpecError(file=f"--set {arg}", key=e.key, expected=e.expected, got=e.got) from None
     return tuple(parts), value
 
 
@@ -357,6 +400,7 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     override_keys: dict[KeyPath, str] = {}
     for arg in overrides:
         key, value = parse_override(arg)
+        arg = _shown_override(arg, key, value)
         apply_override(raw, key, value, arg)
         override_keys[key] = arg
     spec = validate_spec(raw, path, lines, override_keys)

@@ -6,6 +6,7 @@ yet" error, so adding the behaviour never changes the format.
 """
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -62,6 +63,14 @@ class ModelConfig(Strict):
                             "`api_key_env: NAME`, the environment variable holding the key",
                             f"a literal API key in `{key}` (secrets never go in a spec)", where + key)
         return data
+
+    @field_validator("api_key_env", mode="before")
+    @classmethod
+    def _env_name_not_a_key(cls, value: Any) -> Any:
+        if isinstance(value, str) and not re.fullmatch(NAME_PATTERN, value):  # never echo it: it may be the key
+            raise spec_value_error("the NAME of an environment variable (letters, digits and _), e.g. OPENAI_API_KEY",
+                                   "something else (not shown: it may be the key itself)")
+        return value
 
     def generation_params(self) -> dict[str, Any]:
         """Parameters that change the reply (and so belong in the cache key)."""

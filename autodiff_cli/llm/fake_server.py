@@ -1,0 +1,571 @@
+r"""A latency-injecting OpenAI-compatible HTTP server for benchmarks and tests (127.0.0.1 only).
+
+It answers `POST /v1/chat/completions` (non-streaming) from a fake-model script (the format of
+`autodiff_cli/llm/fake.py`: rules, `replies`, `fail_times`, scripted errors), so litellm reaches
+it over real HTTP with a model config such as
+
+    models:
+      task: {model: openai/fake, api_base: "http://127.0.0.1:PORT/v1", api_key_env: FAKE_KEY}
+
+(any value in FAKE_KEY). In process:
+
+    async with FakeServer("script.yaml", latency=0.5, jitter=0.05, seed=0) as srv:
+        srv.url        # http://127.0.0.1:PORT  (port 0 = any free port)
+        srv.stats()    # the counters below
+
+or, for code that runs its own event loop (e.g. `autodiff train` in process):
+
+    with FakeServer("script.yaml", latency=0.5).in_thread() as srv: ...
+
+As a command (prints the URL on its first stdout line, serves until SIGINT/SIGTERM):
+
+    python -m autodiff_cli.llm.fake_server --script S --latency 0.5 [--jitter 0.05] [--seed 0] \
+        [--port 0] [--fault '{"kind": "500", "rate": 0.05}']...
+
+Latency: every chat request waits `latency` (the script's own `latency` when not given) plus a
+uniform jitter in [-jitter, +jitter] (never below 0) before its answer, errors included. The
+jitter is a function of (seed, request body, how many times that body was seen), so a run gets
+the same delays whatever order requests arrive in.
+
+Scripted errors become HTTP: 429 (with `Retry-After: <retry_after>` when the rule sets it),
+500, 503, 400, auth = 401, context_length = 400 with code `context_length_exceeded`,
+`empty` = a 200 reply with empty content, `timeout` = no answer at all (the request is held
+until the client gives up and closes the connection, or the server stops), `connection` = the
+connection is reset (TCP RST). Server-level faults (`faults=[...]`, `--fault JSON`) are checked
+before the script and add kinds a script cannot express: `empty_body` (a 200 with a 0-byte
+body), `truncated` (a 200 whose JSON body is cut in half). A fault is a mapping: `kind`
+(the script's kinds, `reset` = `connection`, `empty_body`, `truncated`), optional `match`
+(regex, searched in the last user message or, with `in: system|all`, elsewhere), and either
+`times` (the first N requests with the same messages fail, then the script answers), `rate`
+(each request fails with this probability, seeded as the jitter) or neither (always);
+`retry_after` for a 429.
+
+Usage is exact and the fake provider's: prompt tokens = whitespace-separated words of all
+message contents, completion tokens = words of the reply. `GET /stats` returns the counters:
+`requests` (chat requests received), `replies` (200 answers with content), `errors` by kind,
+`in_flight`, `max_in_flight` (chat requests between their arrival and their answer), `prompt_tokens`,
+`completion_tokens`, `connections`; `POST /reset` zeroes them (and the script's `fail_times` /
+`replies` counters). Only the standard library is used.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import re
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+from autodiff_cli.llm import fake
+
+HOST = "127.0.0.1"
+FAULT_KINDS = ("429", "500", "503", "400", "auth", "context_length", "timeout", "connection", "reset", "empty",
+               "empty_body", "truncated")
+MAX_HEADER_BYTES = 64 * 1024
+REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
+           429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A server-level fault (checked before the script)."""
+
+    kind: str
+    pattern: re.Pattern | None = None
+    where: str = "user"
+    times: int | None = None
+    rate: float | None = None
+    retry_after: float | None = None
+
+    @classmethod
+    def parse(cls, raw: "Fault | Mapping[str, Any]") -> "Fault":
+        if isinstance(raw, Fault):
+            return raw
+        unknown = set(raw) - {"kind", "match", "in", "times", "rate", "retry_after"}
+        if unknown:
+            raise ValueError(f"fault: unknown keys {sorted(unknown)}")
+        kind = str(raw.get("kind", ""))
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"fault kind: expected one of {', '.join(FAULT_KINDS)}, got {kind!r}")
+        where = str(raw.get("in", "user"))
+        if where not in fake.WHERE:
+            raise ValueError(f"fault `in`: expected one of {', '.join(fake.WHERE)}, got {where!r}")
+        if raw.get("times") is not None and raw.get("rate") is not None:
+            raise ValueError("fault: give `times` or `rate`, not both")
+        rate = None if raw.get("rate") is None else float(raw["rate"])
+        if rate is not None and not 0.0 <= rate <= 1.0:
+            raise ValueError(f"fault rate: expected a probability in [0, 1], got {rate}")
+        return cls(
+            kind="connection" if kind == "reset" else kind,
+            pattern=None if raw.get("match") is None else re.compile(str(raw["match"])),
+            where=where,
+            times=None if raw.get("times") is None else int(raw["times"]),
+            rate=rate,
+            retry_after=None if raw.get("retry_after") is None else float(raw["retry_after"]),
+        )
+
+
+class _Request:
+    __slots__ = ("method", "path", "headers", "body", "keep_alive")
+
+    def __init__(self, method: str, path: str, headers: dict[str, str], body: bytes, keep_alive: bool) -> None:
+        self.method, self.path, self.headers, self.body, self.keep_alive = method, path, headers, body, keep_alive
+
+
+class _Answer:
+    """What to do with one chat request."""
+
+    __slots__ = ("status", "payload", "headers", "action", "kind")
+
+    def __init__(self, status: int = 200, payload: Any = None, headers: dict | None = None,
+                 action: str = "send", kind: str | None = None) -> None:
+        self.status, self.payload, self.headers, self.action, self.kind = status, payload, headers or {}, action, kind
+
+
+class FakeServer:
+    """The server; see the module docstring."""
+
+    def __init__(self, script: str | Path, *, latency: float | None = None, jitter: float = 0.0, seed: int = 0,
+                 port: int = 0, faults: Sequence["Fault | Mapping[str, Any]"] = (),
+                 hang_seconds: float = 3600.0) -> None:
+        self.script_path = Path(script).resolve()
+        self.script = fake.load_script(self.script_path)  # ModelNotFound / SpecError as the provider
+        self.latency = self.script.latency if latency is None else float(latency)
+        if self.latency < 0 or jitter < 0:
+            raise ValueError("latency and jitter must be >= 0")
+        self.jitter = float(jitter)
+        self.seed = seed
+        self.port = port
+        self.faults = tuple(Fault.parse(f) for f in faults)
+        self.hang_seconds = hang_seconds
+        self._server: asyncio.base_events.Server | None = None
+        self._closing: asyncio.Event | None = None
+        self._connections: set[asyncio.Task] = set()
+        self._lock = threading.Lock()  # stats may be read from another thread
+        self._seen: dict[str, int] = {}  # request body digest -> times seen (jitter, rate)
+        self._fault_counts: dict[tuple[int, str], int] = {}
+        self._ids = 0
+        self._reset_counters()
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def api_base(self) -> str:
+        return self.url + "/v1"
+
+    async def start(self) -> "FakeServer":
+        self._closing = asyncio.Event()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((HOST, self.port))
+        self._server = await asyncio.start_server(self._serve_connection, sock=sock, backlog=1024,
+                                                  limit=MAX_HEADER_BYTES)
+        self.port = sock.getsockname()[1]
+        return self
+
+    async def close(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        self._closing.set()
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._server.wait_closed(), 1.0)
+        self._server = None
+
+    async def __aenter__(self) -> "FakeServer":
+        return await self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def serve_forever(self) -> None:
+        await self._closing.wait()
+
+    @contextlib.contextmanager
+    def in_thread(self) -> Iterator["FakeServer"]:
+        """Run the server on its own event loop in a daemon thread (for callers with their own loop)."""
+        loop = asyncio.new_event_loop()
+        started = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(self.start())
+            except BaseException as e:  # noqa: BLE001 - reported to the caller
+                failure.append(e)
+                started.set()
+                return
+            started.set()
+            loop.run_until_complete(self.serve_forever())
+            loop.run_until_complete(self.close())
+
+        thread = threading.Thread(target=run, name="fake-server", daemon=True)
+        thread.start()
+        started.wait()
+        if failure:
+            loop.close()
+            raise failure[0]
+        try:
+            yield self
+        finally:
+            loop.call_soon_threadsafe(self._closing.set)
+            thread.join(timeout=10)
+            loop.close()
+
+    # ---------------------------------------------------------------- counters
+
+    def _reset_counters(self) -> None:
+        with self._lock:
+            self._stats = {"requests": 0, "replies": 0, "errors": {}, "in_flight": 0, "max_in_flight": 0,
+                           "prompt_tokens": 0, "completion_tokens": 0, "connections": 0}
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            out = dict(self._stats)
+            out["errors"] = dict(self._stats["errors"])
+        return out
+
+    def reset(self) -> None:
+        """Zero the counters and the fault/script counters (fail_times, replies)."""
+        in_flight = self.stats()["in_flight"]
+        self._reset_counters()
+        with self._lock:
+            self._stats["in_flight"] = in_flight  # requests being answered still leave
+            self._seen.clear()
+            self._fault_counts.clear()
+        with fake._lock:  # the script's fail_times / replies counters for this script only
+            for key in [k for k in fake._attempts if k[0].startswith(self.script.path)]:
+                del fake._attempts[key]
+
+    def _count(self, **deltas: int) -> None:
+        with self._lock:
+            for k, v in deltas.items():
+                self._stats[k] += v
+
+    def _count_error(self, kind: str) -> None:
+        with self._lock:
+            self._stats["errors"][kind] = self._stats["errors"].get(kind, 0) + 1
+
+    def _enter(self) -> None:
+        with self._lock:
+            s = self._stats
+            s["requests"] += 1
+            s["in_flight"] += 1
+            s["max_in_flight"] = max(s["max_in_flight"], s["in_flight"])
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._stats["in_flight"] -= 1
+
+    # ---------------------------------------------------------------- HTTP
+
+    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._connections.add(task)
+        self._count(connections=1)
+        try:
+            while True:
+                request = await self._read_request(reader)
+                if request is None:
+                    break
+                keep = await self._dispatch(request, reader, writer)
+                if not keep or not request.keep_alive:
+                    break
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+            pass
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._connections.discard(task)
+            if not writer.transport.is_closing():
+                writer.transport.close()
+
+    async def _read_request(self, reader: asyncio.StreamReader) -> _Request | None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError:
+            return None
+        lines = head.decode("latin-1").split("\r\n")
+        method, path, version = lines[0].split(" ", 2)
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            if line:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            body = await self._read_chunked(reader)
+        else:
+            body = await reader.readexactly(int(headers.get("content-length") or 0))
+        connection = headers.get("connection", "").lower()
+        keep_alive = connection != "close" if version == "HTTP/1.1" else connection == "keep-alive"
+        return _Request(method.upper(), path.split("?", 1)[0], headers, body, keep_alive)
+
+    @staticmethod
+    async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+        parts = []
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
+            if size == 0:
+                while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers
+                    pass
+                return b"".join(parts)
+            parts.append(await reader.readexactly(size))
+            await reader.readexactly(2)
+
+    @staticmethod
+    def _write(writer: asyncio.StreamWriter, status: int, body: bytes, headers: Mapping[str, str] | None = None,
+               keep_alive: bool = True) -> None:
+        head = [f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}", "Content-Type: application/json",
+                f"Content-Length: {len(body)}", f"Connection: {'keep-alive' if keep_alive else 'close'}"]
+        head += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+
+    async def _dispatch(self, request: _Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Answer one request; False closes the connection."""
+        path = request.path.rstrip("/")
+        if path in ("/v1/chat/completions", "/chat/completions"):
+            if request.method != "POST":
+                self._write(writer, 405, _error_body("use POST", "invalid_request_error"), keep_alive=request.keep_alive)
+                await writer.drain()
+                return True
+            return await self._chat(request, reader, writer)
+        if path == "/stats" and request.method == "GET":
+            body = json.dumps(self.stats()).encode()
+        elif path == "/reset" and request.method == "POST":
+            self.reset()
+            body = b'{"ok": true}'
+        elif path in ("/health", "/v1/health") and request.method == "GET":
+            body = b'{"ok": true}'
+        elif path in ("/v1/models", "/models") and request.method == "GET":
+            body = json.dumps({"object": "list", "data": [{"id": "fake", "object": "model", "owned_by": "autodiff"}]}).encode()
+        else:
+            self._write(writer, 404, _error_body(f"no route {request.method} {request.path}", "not_found_error"),
+                        keep_alive=request.keep_alive)
+            await writer.drain()
+            return True
+        self._write(writer, 200, body, keep_alive=request.keep_alive)
+        await writer.drain()
+        return True
+
+    async def _chat(self, request: _Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        self._enter()
+        left = False
+        try:
+            answer, delay = self._decide(request.body)
+            if answer.action == "hang":
+                self._count_error("timeout")
+                await self._hang(reader)
+                return False
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if answer.kind is not None:
+                self._count_error(answer.kind)
+            if answer.action == "reset":
+                self._leave()
+                left = True
+                _reset(writer)
+                return False
+            if answer.action == "empty_body":
+                body = b""
+            else:
+                body = json.dumps(answer.payload, ensure_ascii=False).encode("utf-8")
+                if answer.action == "truncated":
+                    body = body[: len(body) // 2]
+            self._leave()
+            left = True
+            self._write(writer, answer.status, body, answer.headers, keep_alive=request.keep_alive)
+            await writer.drain()
+            return True
+        finally:
+            if not left:
+                self._leave()
+
+    async def _hang(self, reader: asyncio.StreamReader) -> None:
+        """Hold the request until the client closes the connection, the server stops or hang_seconds pass."""
+        eof = asyncio.ensure_future(reader.read(1))
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait({eof, closing}, timeout=self.hang_seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (eof, closing):
+                t.cancel()
+            await asyncio.gather(eof, closing, return_exceptions=True)
+
+    # ---------------------------------------------------------------- replies
+
+    def _decide(self, body: bytes) -> tuple[_Answer, float]:
+        """The answer to a chat request body and the delay before it."""
+        digest = hashlib.sha256(body).hexdigest()
+        with self._lock:
+            nth = self._seen.get(digest, 0)
+            self._seen[digest] = nth + 1
+        delay = self.latency
+        if self.jitter:
+            delay = max(0.0, delay + (2 * _unit(self.seed, "jitter", digest, nth) - 1) * self.jitter)
+        try:
+            data = json.loads(body or b"{}")
+            messages = data["messages"]
+            if not isinstance(messages, list):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            return _Answer(400, _error_obj("expected a JSON body with `messages`", "invalid_request_error"),
+                           kind="400"), 0.0
+        if data.get("stream"):
+            return _Answer(400, _error_obj("streaming is not supported by the fake server", "invalid_request_error"),
+                           kind="400"), 0.0
+        model = str(data.get("model") or "fake")
+        text = None
+        for index, f in enumerate(self.faults):
+            if self._fault_fires(index, f, messages, digest, nth):
+                if f.kind != "empty":
+                    return self._error_answer(f.kind, f.retry_after), delay
+                text = ""  # a well-formed reply with no text, usage counted as for any reply
+                break
+        if text is None:
+            try:
+                text = fake.respond(self.script, messages)  # a scripted `empty` returns ''
+            except fake.ScriptedError as e:
+                return self._error_answer(e.kind, e.retry_after), delay
+        prompt = sum(fake.count_tokens(fake._content(m)) for m in messages)
+        completion = fake.count_tokens(text)
+        with self._lock:
+            self._ids += 1
+            ident = self._ids
+            if text.strip():
+                self._stats["replies"] += 1
+            self._stats["prompt_tokens"] += prompt
+            self._stats["completion_tokens"] += completion
+        payload = {
+            "id": f"chatcmpl-fake-{ident}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop",
+                         "logprobs": None}],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
+        }
+        return _Answer(200, payload, kind=None if text.strip() else "empty"), delay
+
+    def _fault_fires(self, index: int, f: Fault, messages: list, digest: str, nth: int) -> bool:
+        if f.pattern is not None and f.pattern.search(fake._text(messages, f.where)) is None:
+            return False
+        if f.rate is not None:
+            return _unit(self.seed, f"fault{index}", digest, nth) < f.rate
+        if f.times is not None:
+            key = (index, json.dumps(messages, sort_keys=True, ensure_ascii=False))
+            with self._lock:
+                seen = self._fault_counts.get(key, 0)
+                self._fault_counts[key] = seen + 1
+            return seen < f.times
+        return True
+
+    @staticmethod
+    def _error_answer(kind: str, retry_after: float | None) -> _Answer:
+        if kind == "timeout":
+            return _Answer(action="hang", kind="timeout")
+        if kind == "connection":
+            return _Answer(action="reset", kind="connection")
+        if kind in ("empty_body", "truncated"):
+            payload = {"id": "chatcmpl-fake-truncated", "object": "chat.completion", "model": "fake",
+                       "choices": [{"index": 0, "message": {"role": "assistant", "content": "cut here"},
+                                    "finish_reason": "stop"}]}
+            return _Answer(200, payload, action=kind, kind=kind)
+        if kind == "429":
+            headers = {} if retry_after is None else {"Retry-After": _fmt_seconds(retry_after)}
+            return _Answer(429, _error_obj("scripted 429: rate limit reached", "rate_limit_exceeded", "rate_limit_exceeded"),
+                           headers, kind="429")
+        if kind == "auth":
+            return _Answer(401, _error_obj("scripted auth error: invalid api key", "invalid_request_error",
+                                           "invalid_api_key"), kind="auth")
+        if kind == "context_length":
+            return _Answer(400, _error_obj("This model's maximum context length is 8 tokens. However, your messages "
+                                           "resulted in more tokens (scripted context_length error).",
+                                           "invalid_request_error", "context_length_exceeded"), kind="context_length")
+        status = int(kind)  # 400, 500, 503
+        return _Answer(status, _error_obj(f"scripted {kind} error", "server_error" if status >= 500 else
+                                          "invalid_request_error"), kind=kind)
+
+
+def _error_obj(message: str, type_: str, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
+
+
+def _error_body(message: str, type_: str) -> bytes:
+    return json.dumps(_error_obj(message, type_)).encode()
+
+
+def _fmt_seconds(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def _unit(seed: int, what: str, digest: str, nth: int) -> float:
+    """A number in [0, 1) from (seed, what, request digest, occurrence): order-independent randomness."""
+    h = hashlib.blake2b(f"{seed}|{what}|{digest}|{nth}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") / 2**64
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close the connection with a TCP RST."""
+    sock = writer.transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+# ---------------------------------------------------------------- command
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m autodiff_cli.llm.fake_server",
+                                 description="An OpenAI-compatible fake model server on 127.0.0.1 (see the module docstring).")
+    ap.add_argument("--script", required=True, type=Path, help="a fake-model script (autodiff_cli/llm/fake.py format)")
+    ap.add_argument("--latency", type=float, default=None, help="seconds per request (default: the script's `latency`)")
+    ap.add_argument("--jitter", type=float, default=0.0, help="uniform jitter in seconds, +-")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the jitter and of `rate` faults")
+    ap.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: any free port)")
+    ap.add_argument("--fault", action="append", default=[], metavar="JSON",
+                    help='a server-level fault, e.g. \'{"kind": "500", "rate": 0.05}\' (repeatable)')
+    args = ap.parse_args(argv)
+    try:
+        faults = [Fault.parse(json.loads(f)) for f in args.fault]
+        server = FakeServer(args.script, latency=args.latency, jitter=args.jitter, seed=args.seed, port=args.port,
+                            faults=faults)
+    except Exception as e:  # noqa: BLE001 - one line for the user
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    async def run() -> None:
+        await server.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, server._closing.set)
+        print(server.url, flush=True)
+        print(f"fake server on {server.url} (script {server.script_path}, latency {server.latency:g} s, "
+              f"jitter {server.jitter:g} s); Ctrl-C stops it", file=sys.stderr, flush=True)
+        await server.serve_forever()
+        await server.close()
+
+    asyncio.run(run())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

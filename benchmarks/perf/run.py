@@ -1,0 +1,808 @@
+#!/usr/bin/env python3
+"""Performance benchmarks of issue 6, one command; sections of benchmarks/RESULTS.md.
+
+    python benchmarks/perf/run.py                 # measure and print the sections
+    python benchmarks/perf/run.py --write         # ... and write them into benchmarks/RESULTS.md
+    python benchmarks/perf/run.py --quick         # tiny sizes: a smoke test of the machinery (CI)
+    python benchmarks/perf/run.py --only concurrency --only memory
+
+The four measurements (each a section between `<!-- bench:NAME -->` markers, like benchmarks/run.py):
+
+  concurrency  Validation of 200 examples through a 3-node chain (llm -> llm -> function) against the
+               fake OpenAI-compatible server (autodiff_cli/llm/fake_server.py, its own process) at
+               500 ms latency, concurrency 16, through litellm's real HTTP path: wall time against the
+               lower bound max(critical path, calls x latency / concurrency) (target: within 1.25x);
+               client CPU per call (process CPU / calls), and where that CPU goes (cProfile of the
+               same evaluation at zero latency, grouped by package: litellm's share apart).
+  overhead     A zero-latency in-process model that bypasses the model client (a stub with
+               `async complete(...)`): framework time per node invocation (target < 1 ms) and a
+               1,000-example evaluation of the 3-node pipeline (target < 3 s). The same 1,000 examples
+               through ModelClient + litellm with the in-process fake provider, and through the HTTP
+               fake server at zero latency, reported apart.
+  cache        A whole small training run (`autodiff train`, all roles on the fake server with latency),
+               then the same command again on the warm cache: model calls (client usage and requests
+               the server saw; target 0) and wall time (target < 10% of the cold run).
+  memory       Peak RSS of a 10,000-example evaluation with the zero-latency stub, in a child process
+               (resource.getrusage; target < 400 MB).
+
+Timings are only meaningful on an otherwise idle machine: each section records the load average
+at its start. `--quick` sizes are for smoke tests and say so in their headings.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import gc
+import importlib.util
+import json
+import os
+import pstats
+import resource
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+KEY_ENV = "AUTODIFF_PERF_KEY"
+BENCHES = ("concurrency", "overhead", "cache", "memory")
+SECTION_NAMES = {
+    "concurrency": "Performance: concurrency efficiency (issue 6)",
+    "overhead": "Performance: engine overhead (issue 6)",
+    "cache": "Performance: warm-cache rerun of a training run (issue 6)",
+    "memory": "Performance: memory of a 10,000-example evaluation (issue 6)",
+}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    conc_examples: int = 200
+    conc_latency: float = 0.5
+    conc_concurrency: int = 16
+    profile_examples: int = 200
+    overhead_examples: int = 1000
+    litellm_examples: int = 1000
+    cache_latency: float = 0.5
+    cache_train: int = 32
+    cache_val: int = 32
+    cache_test: int = 16
+    cache_steps: int = 4
+    cache_concurrency: int = 8
+    memory_examples: int = 10000
+
+
+FULL = Sizes()
+QUICK = Sizes(conc_examples=20, conc_latency=0.05, conc_concurrency=4, profile_examples=10, overhead_examples=50,
+              litellm_examples=10, cache_latency=0.01, cache_train=8, cache_val=4, cache_test=3, cache_steps=2,
+              cache_concurrency=4, memory_examples=200)
+
+TARGETS = {"concurrency_ratio": 1.25, "per_invocation_ms": 1.0, "overhead_eval_s": 3.0, "cache_ratio": 0.10,
+           "peak_rss_mb": 400.0}
+
+
+def log(message: str) -> None:
+    stamp = datetime.now(timezone.utc).strftime("%H:%M:%S")
+    print(f"[{stamp}] perf: {message}", file=sys.stderr, flush=True)
+
+
+def _bench_runner():
+    """benchmarks/run.py (machine(), write_section()); loaded by path: both files are called run.py."""
+    name = "autodiff_bench_runner"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, HERE.parent / "run.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+# ---------------------------------------------------------------- pipeline, data, script
+
+CHAIN_SCRIPT = r"""
+rules:
+  - match: 'Draft: There are (\d+) items'
+    reply: "The draft says {1}. Answer: {1}"
+  - match: 'n=(\d+)'
+    reply: "There are {1} items in the question."
+default: "I don't know."
+"""
+
+
+def chain_spec(model_block: str) -> str:
+    """The 3-node chain: llm draft -> llm answer -> function parse."""
+    return f"""
+name: perf_chain
+models:
+  task: {model_block}
+data:
+  val: val.jsonl
+params:
+  draft_instruction: {{value: "Think about the question step by step and say how many items there are."}}
+  answer_instruction: {{value: "Read the draft and give the final answer as `Answer: N`."}}
+nodes:
+  draft: {{kind: llm, system: "{{{{ draft_instruction }}}}", user: "{{{{ input.question }}}}"}}
+  answer:
+    kind: llm
+    system: "{{{{ answer_instruction }}}}"
+    user: "Question: {{{{ input.question }}}}\\nDraft: {{{{ draft }}}}"
+  parse: {{kind: function, fn: last_integer, args: {{text: answer}}}}
+output: parse
+metric: {{fn: exact_match, args: {{pred: parse, target: input.answer}}}}
+"""
+
+
+def server_model(url: str, concurrency: int, timeout: float = 60.0) -> str:
+    return (f'{{model: openai/fake, api_base: "{url}/v1", api_key_env: {KEY_ENV}, concurrency: {concurrency}, '
+            f"timeout: {timeout}, max_retries: 2}}")
+
+
+def write_chain(work: Path, n: int, model_block: str) -> Path:
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "script.yaml").write_text(CHAIN_SCRIPT.lstrip(), encoding="utf-8")
+    with (work / "val.jsonl").open("w", encoding="utf-8") as f:
+        for i in range(n):
+            k = 1 + i % 9
+            f.write(json.dumps({"id": f"ex{i:05d}", "question": f"How many items are in the list? n={k}",
+                                "answer": str(k)}) + "\n")
+    spec = work / "spec.yaml"
+    spec.write_text(chain_spec(model_block).lstrip(), encoding="utf-8")
+    return spec
+
+
+def load_chain(spec: Path):
+    from autodiff_cli.compiler import compile_spec
+    from autodiff_cli.data.splits import load_split
+    from autodiff_cli.prompts_io import initial_values
+    from autodiff_cli.spec.loader import load_spec
+
+    loaded = load_spec(spec)
+    program = compile_spec(loaded)
+    examples = load_split(loaded, "val", program.input_fields)
+    return loaded, program, examples, initial_values(loaded.spec)
+
+
+def chain_shape(program) -> tuple[int, int]:
+    """(llm calls per example, llm calls on the critical path) of a loop-free program."""
+    calls = depth = 0
+    for generation in program.scope.generations:
+        llm = [n for n in generation if program.scope.nodes[n].kind == "llm"]
+        calls += len(llm)
+        depth += 1 if llm else 0
+    return calls, depth
+
+
+class StubModel:
+    """A zero-latency in-process model with the ModelClient's `complete` signature (bypasses the client)."""
+
+    def __init__(self, script_path: Path) -> None:
+        from autodiff_cli.llm import fake
+
+        self._fake = fake
+        self.script = fake.load_script(script_path)
+        self.calls = 0
+
+    async def complete(self, model_name: str, messages: list[dict], *, role: str = "task",
+                       json_schema: dict | None = None, salt: Any = None):
+        from autodiff_cli.llm.client import Completion
+
+        self.calls += 1
+        text = self._fake.respond(self.script, messages)
+        return Completion(text, 0, 0, 0.0, 0.0, False, "stub", 1)
+
+
+def model_client(loaded, environ: dict | None = None):
+    from autodiff_cli.llm.client import ModelClient
+    from autodiff_cli.llm.usage import Usage
+
+    return ModelClient(loaded.spec.models, config_dir=loaded.config_dir, usage=Usage(), cache=None,
+                       environ=environ if environ is not None else {KEY_ENV: "perf-any-key"})
+
+
+# ---------------------------------------------------------------- the fake server, in its own process
+
+
+class ServerProcess:
+    def __init__(self, url: str, proc: subprocess.Popen) -> None:
+        self.url, self.proc = url, proc
+
+    def stats(self) -> dict:
+        with urllib.request.urlopen(self.url + "/stats", timeout=10) as r:
+            return json.loads(r.read())
+
+    def reset(self) -> None:
+        req = urllib.request.Request(self.url + "/reset", data=b"", method="POST")
+        urllib.request.urlopen(req, timeout=10).read()
+
+
+@contextlib.contextmanager
+def fake_server(script: Path, latency: float, jitter: float = 0.0, seed: int = 0):
+    cmd = [sys.executable, "-m", "autodiff_cli.llm.fake_server", "--script", str(script), "--latency", str(latency),
+           "--jitter", str(jitter), "--seed", str(seed), "--port", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        url = proc.stdout.readline().strip()
+        if not url.startswith("http://127.0.0.1:"):
+            raise RuntimeError(f"the fake server did not start (exit {proc.poll()})")
+        yield ServerProcess(url, proc)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# ---------------------------------------------------------------- profile grouping
+
+HTTP_PACKAGES = {"httpx", "httpcore", "h11", "anyio", "sniffio", "aiohttp", "aiohappyeyeballs", "yarl", "multidict",
+                 "propcache", "frozenlist", "aiosignal", "certifi", "ssl", "socket", "selectors"}
+GROUPS = [("autodiff_cli", "autodiff (engine, client, evaluate)"), ("litellm", "litellm"), ("openai", "openai SDK"),
+          ("pydantic", "pydantic (response objects)"), ("pydantic_core", "pydantic (response objects)"),
+          ("jinja2", "jinja2 (templates)"), ("markupsafe", "jinja2 (templates)"), ("asyncio", "asyncio event loop")]
+LITELLM_STACK = ("litellm", "openai SDK", "HTTP client (httpx/aiohttp)", "pydantic (response objects)")
+
+
+STDLIB = "Python stdlib (not charged to a caller)"
+LOOP = "asyncio event loop"
+
+
+def _group(filename: str) -> str | None:
+    """The package group of a code file; None for the standard library (charged to its callers)."""
+    parts = Path(filename).parts
+    if "site-packages" in parts:
+        i = parts.index("site-packages")
+        top = (parts[i + 1] if i + 1 < len(parts) else "").split(".")[0]
+        if top in HTTP_PACKAGES:
+            return "HTTP client (httpx/aiohttp)"
+        return dict(GROUPS).get(top, f"other libraries ({top})")
+    if "autodiff_cli" in parts:
+        return "autodiff (engine, client, evaluate)"
+    if "asyncio" in parts or Path(filename).stem == "selectors":
+        return LOOP
+    if Path(filename).stem in ("ssl", "socket"):
+        return "HTTP client (httpx/aiohttp)"
+    return None
+
+
+def profile_groups(profile: cProfile.Profile) -> dict[str, float]:
+    """Seconds of own time per package group. Time spent in the standard library and in builtins is
+    charged to the package that called it (through any chain of stdlib callers, split by the
+    callers' shares), so e.g. json.loads under the openai SDK counts as the SDK's; the asyncio loop
+    is its own group; waiting in epoll/select is left out (idle, not CPU)."""
+    stats = pstats.Stats(profile).stats  # {func: (cc, nc, tt, ct, callers)}
+    memo: dict[tuple, dict[str, float]] = {}
+
+    def dist(func: tuple, visiting: frozenset) -> dict[str, float]:
+        """Fractions of `func`'s own time per group."""
+        if func in memo:
+            return memo[func]
+        group = _group(func[0]) if func[0] != "~" else None
+        if group is not None:
+            out = {group: 1.0}
+        else:
+            callers = stats.get(func, (0, 0, 0, 0, {}))[4]
+            weights = {c: v[2] for c, v in callers.items() if c not in visiting}
+            total = sum(weights.values())
+            if not total:
+                out = {STDLIB: 1.0}
+            else:
+                out = defaultdict(float)
+                for caller, w in weights.items():
+                    for g, f in dist(caller, visiting | {func}).items():
+                        out[g] += f * w / total
+                out = dict(out)
+        if not visiting:  # only results computed without a cycle guard are exact enough to reuse
+            memo[func] = out
+        return out
+
+    out: dict[str, float] = defaultdict(float)
+    for func, (_, _, tt, _, _) in stats.items():
+        if func[0] == "~" and any(w in func[2] for w in ("poll", "select")):
+            continue
+        for group, fraction in dist(func, frozenset()).items():
+            out[group] += tt * fraction
+    return dict(out)
+
+
+# ---------------------------------------------------------------- (a) concurrency efficiency
+
+
+def bench_concurrency(sizes: Sizes, work: Path) -> dict:
+    from autodiff_cli.evaluate import evaluate
+    from autodiff_cli.llm.providers import load_litellm
+
+    load_litellm()
+    work = work / "concurrency"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "script.yaml").write_text(CHAIN_SCRIPT.lstrip(), encoding="utf-8")
+    result: dict[str, Any] = {"examples": sizes.conc_examples, "latency_s": sizes.conc_latency,
+                              "concurrency": sizes.conc_concurrency}
+    with fake_server(work / "script.yaml", sizes.conc_latency) as srv:
+        spec = write_chain(work, sizes.conc_examples, server_model(srv.url, sizes.conc_concurrency))
+        loaded, program, examples, values = load_chain(spec)
+        per_example, depth = chain_shape(program)
+        client = model_client(loaded)
+
+        async def main():
+            # litellm's first call builds its HTTP client: not part of the measurement
+            await client.complete("task", [{"role": "user", "content": "warm up"}])
+            srv.reset()
+            client.usage = type(client.usage)()
+            gc.collect()
+            t0, c0 = time.perf_counter(), time.process_time()
+            report = await evaluate(program, examples, values, client)
+            return report, time.perf_counter() - t0, time.process_time() - c0
+
+        log(f"concurrency: {len(examples)} examples, latency {sizes.conc_latency} s, concurrency "
+            f"{sizes.conc_concurrency}")
+        report, wall, cpu = asyncio.run(main())
+        stats = srv.stats()
+    calls = client.usage.to_dict()["task"]["calls"]
+    critical = depth * sizes.conc_latency
+    throughput = calls * sizes.conc_latency / sizes.conc_concurrency
+    bound = max(critical, throughput)
+    result.update(
+        calls=calls, expected_calls=per_example * len(examples), server_requests=stats["requests"],
+        server_max_in_flight=stats["max_in_flight"], errors=report.errors, score=report.score,
+        wall_s=wall, critical_path_s=critical, throughput_bound_s=throughput, bound_s=bound, ratio=wall / bound,
+        cpu_s=cpu, cpu_per_call_ms=1000 * cpu / calls if calls else None,
+    )
+    result["profile"] = profile_http_path(sizes, work)
+    return result
+
+
+def profile_http_path(sizes: Sizes, work: Path) -> dict:
+    """cProfile of the same evaluation at zero latency: where the client's CPU goes."""
+    from autodiff_cli.evaluate import evaluate
+
+    pwork = work / "profile"
+    with fake_server(work / "script.yaml", 0.0) as srv:
+        spec = write_chain(pwork, sizes.profile_examples, server_model(srv.url, sizes.conc_concurrency))
+        loaded, program, examples, values = load_chain(spec)
+        client = model_client(loaded)
+        profile = cProfile.Profile()
+
+        async def main():
+            await client.complete("task", [{"role": "user", "content": "warm up"}])
+            client.usage = type(client.usage)()
+            c0 = time.process_time()
+            profile.enable()
+            try:
+                await evaluate(program, examples, values, client)
+            finally:
+                profile.disable()
+            return time.process_time() - c0
+
+        log(f"concurrency: profiling {len(examples)} examples at zero latency")
+        cpu = asyncio.run(main())
+    groups = profile_groups(profile)
+    total = sum(groups.values()) or 1.0
+    calls = client.usage.to_dict()["task"]["calls"]
+    return {"examples": len(examples), "calls": calls, "cpu_s_profiled": cpu,
+            "groups": {k: v / total for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
+            "litellm_share": sum(v for k, v in groups.items() if k in LITELLM_STACK) / total}
+
+
+# ---------------------------------------------------------------- (b) engine overhead
+
+
+def bench_overhead(sizes: Sizes, work: Path) -> dict:
+    from autodiff_cli.evaluate import evaluate
+    from autodiff_cli.llm.providers import load_litellm
+
+    work = work / "overhead"
+    out: dict[str, Any] = {}
+
+    # 1. the stub: no model client, no litellm
+    spec = write_chain(work / "stub", sizes.overhead_examples, "{model: fake/script.yaml, concurrency: 16}")
+    loaded, program, examples, values = load_chain(spec)
+    stub = StubModel(spec.parent / "script.yaml")
+
+    async def timed(client, exs):
+        gc.collect()
+        t0, c0 = time.perf_counter(), time.process_time()
+        report = await evaluate(program, exs, values, client)
+        return report, time.perf_counter() - t0, time.process_time() - c0
+
+    asyncio.run(timed(stub, examples[:20]))  # warm: templates compiled, code paths imported
+    stub.calls = 0
+    log(f"overhead: {len(examples)} examples with the zero-latency stub")
+    report, wall, cpu = asyncio.run(timed(stub, examples))
+    invocations = sum(len(r.trace.calls) for r in report.results)
+    out["stub"] = {"examples": len(examples), "model_calls": stub.calls, "invocations": invocations,
+                   "errors": report.errors, "score": report.score, "wall_s": wall, "cpu_s": cpu,
+                   "per_invocation_ms": 1000 * wall / invocations, "cpu_per_invocation_ms": 1000 * cpu / invocations,
+                   "per_example_ms": 1000 * wall / len(examples)}
+
+    # 2. through ModelClient + litellm with the in-process fake provider (no HTTP, zero latency)
+    load_litellm()
+    spec = write_chain(work / "provider", sizes.litellm_examples, "{model: fake/script.yaml, concurrency: 16}")
+    loaded, program, examples, values = load_chain(spec)
+    client = model_client(loaded, environ={})
+
+    async def through_client(client, exs):
+        await client.complete("task", [{"role": "user", "content": "warm up"}])
+        client.usage = type(client.usage)()
+        return await timed(client, exs)
+
+    log(f"overhead: {len(examples)} examples through litellm's fake provider")
+    report, wall, cpu = asyncio.run(through_client(client, examples))
+    calls = client.usage.to_dict()["task"]["calls"]
+    out["litellm_fake_provider"] = {"examples": len(examples), "model_calls": calls, "errors": report.errors,
+                                    "wall_s": wall, "cpu_s": cpu, "per_call_ms": 1000 * wall / calls,
+                                    "cpu_per_call_ms": 1000 * cpu / calls}
+
+    # 3. through ModelClient + litellm + HTTP to the fake server at zero latency
+    (work / "http").mkdir(parents=True, exist_ok=True)
+    (work / "http" / "script.yaml").write_text(CHAIN_SCRIPT.lstrip(), encoding="utf-8")
+    with fake_server(work / "http" / "script.yaml", 0.0) as srv:
+        spec = write_chain(work / "http", sizes.litellm_examples, server_model(srv.url, 16))
+        loaded, program, examples, values = load_chain(spec)
+        client = model_client(loaded)
+        log(f"overhead: {len(examples)} examples through litellm + HTTP to the fake server (zero latency)")
+        report, wall, cpu = asyncio.run(through_client(client, examples))
+    calls = client.usage.to_dict()["task"]["calls"]
+    out["litellm_http"] = {"examples": len(examples), "model_calls": calls, "errors": report.errors,
+                           "wall_s": wall, "cpu_s": cpu, "per_call_ms": 1000 * wall / calls,
+                           "cpu_per_call_ms": 1000 * cpu / calls}
+    return out
+
+
+# ---------------------------------------------------------------- (c) warm-cache rerun of a training run
+
+TRAIN_SCRIPT = r"""
+rules:
+  - match: "backward engine"
+    in: system
+    reply: '{"diagnosis": "It did not add the counts.", "param: instruction": "The instruction never says to add the counts: it should tell the model to ALWAYS ADD them."}'
+  - match: "read by a program"
+    in: system
+    reply: '{"reasoning": "The feedback says to add.", "method": "add_instruction", "new_value": "Count the things. ALWAYS ADD the counts."}'
+  - match: 'ALWAYS ADD[\s\S]*n=([1-6])\b'
+    in: all
+    reply: "Adding them up gives {1}. Answer: {1}"
+  - match: 'n=1\b'
+    reply: "Answer: 1"
+default: "Answer: 0"
+"""
+
+
+def train_spec(url: str, sizes: Sizes) -> str:
+    model = server_model(url, sizes.cache_concurrency)
+    return f"""
+name: perf_cache
+models:
+  task: {model}
+  backward: {model}
+  optimizer: {model}
+data:
+  train: train.jsonl
+  val: val.jsonl
+  test: test.jsonl
+params:
+  instruction: {{value: "Count the things.", role: task instruction}}
+  answer_format: {{value: "End with Answer: N", role: output format, trainable: false}}
+nodes:
+  count: {{kind: llm, system: "{{{{ instruction }}}} {{{{ answer_format }}}}", user: "{{{{ input.question }}}}"}}
+  parse: {{kind: function, fn: last_integer, args: {{text: count}}}}
+output: parse
+metric: {{fn: exact_match, args: {{pred: parse, target: input.answer}}}}
+train: {{max_steps: {sizes.cache_steps}, batch_size: 4, max_proposals: 2, max_error_samples: 2, max_correct_samples: 1, seed: 0}}
+"""
+
+
+def _rows(prefix: str, n: int) -> str:
+    return "".join(json.dumps({"id": f"{prefix}{i:03d}", "question": f"How many things? n={1 + i % 8}",
+                               "answer": str(1 + i % 8)}) + "\n" for i in range(n))
+
+
+def bench_cache(sizes: Sizes, work: Path) -> dict:
+    work = work / "cache"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    (work / "script.yaml").write_text(TRAIN_SCRIPT.lstrip(), encoding="utf-8")
+    for name, n in (("train", sizes.cache_train), ("val", sizes.cache_val), ("test", sizes.cache_test)):
+        (work / f"{name}.jsonl").write_text(_rows(name, n), encoding="utf-8")
+    env = {**os.environ, "AUTODIFF_CACHE": str(work / "cache"), KEY_ENV: "perf-any-key"}
+    runs = []
+    with fake_server(work / "script.yaml", sizes.cache_latency) as srv:
+        spec = work / "spec.yaml"
+        spec.write_text(train_spec(srv.url, sizes).lstrip(), encoding="utf-8")
+        cmd = [sys.executable, "-m", "autodiff_cli.cli", "train", str(spec), "--runs-dir", str(work / "runs")]
+        for label in ("cold", "warm"):
+            before = srv.stats()["requests"]
+            log(f"cache: {label} run: {shlex.join(['autodiff', *cmd[3:]])}")
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            process_wall = time.perf_counter() - t0
+            if proc.returncode != 0:
+                raise RuntimeError(f"autodiff train exited {proc.returncode}: {proc.stderr[-2000:]}")
+            run_dir = Path(proc.stdout.strip().splitlines()[-1])
+            summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+            usage = summary["usage"]
+            runs.append({"label": label, "run_dir": str(run_dir), "status": summary["status"],
+                         "process_wall_s": process_wall, "run_wall_s": summary["wall_seconds"],
+                         "calls": sum(u["calls"] for u in usage.values()),
+                         "cached_calls": sum(u["cached_calls"] for u in usage.values()),
+                         "calls_by_role": {r: u["calls"] for r, u in usage.items()},
+                         "server_requests": srv.stats()["requests"] - before,
+                         "best_val": summary["best"]["val"], "steps": summary["steps"],
+                         "prompts": (run_dir / "prompts.yaml").read_text(encoding="utf-8")})
+    cold, warm = runs
+    return {"latency_s": sizes.cache_latency, "concurrency": sizes.cache_concurrency, "cold": cold, "warm": warm,
+            "run_ratio": warm["run_wall_s"] / cold["run_wall_s"] if cold["run_wall_s"] else None,
+            "process_ratio": warm["process_wall_s"] / cold["process_wall_s"],
+            "same_prompts": cold["prompts"] == warm["prompts"],
+            "sizes": {"train": sizes.cache_train, "val": sizes.cache_val, "test": sizes.cache_test,
+                      "steps": sizes.cache_steps}}
+
+
+# ---------------------------------------------------------------- (d) memory
+
+
+def bench_memory(sizes: Sizes, work: Path) -> dict:
+    work = work / "memory"
+    write_chain(work, sizes.memory_examples, "{model: fake/script.yaml, concurrency: 16}")
+    log(f"memory: {sizes.memory_examples} examples with the stub, in a child process")
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--memory-child", str(work)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the memory child exited {proc.returncode}: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def memory_child(work: Path) -> None:
+    """Runs in a fresh process: evaluate the spec in `work` with the stub; print peak RSS as JSON."""
+    from autodiff_cli.evaluate import evaluate
+
+    def rss_mb() -> float:
+        # VmHWM is the peak RSS of this process image; ru_maxrss would also count the parent's pages
+        # (Linux keeps the high-water mark across fork/vfork + exec), so it is only the fallback.
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1024**2)
+
+    loaded, program, examples, values = load_chain(work / "spec.yaml")
+    stub = StubModel(work / "script.yaml")
+    before = rss_mb()
+    t0 = time.perf_counter()
+    report = asyncio.run(evaluate(program, examples, values, stub))
+    wall = time.perf_counter() - t0
+    print(json.dumps({"examples": len(examples), "model_calls": stub.calls, "completed": report.completed,
+                      "traces_kept": len(report.results), "score": report.score, "wall_s": wall,
+                      "rss_before_eval_mb": before, "peak_rss_mb": rss_mb()}))
+
+
+# ---------------------------------------------------------------- sections
+
+
+def _ms(x: float | None) -> str:
+    return "–" if x is None else (f"{x:.3f} ms" if x < 1 else f"{x:.2f} ms")
+
+
+def _s(x: float | None) -> str:
+    return "–" if x is None else f"{x:.2f} s"
+
+
+def _verdict(ok: bool) -> str:
+    return "**met**" if ok else "**not met**"
+
+
+def _head(name: str, command: str, meta: dict, quick: bool) -> list[str]:
+    title = name + (" — QUICK SMOKE SIZES, not the benchmark" if quick else "")
+    return [f"<!-- bench:{name} -->", f"## {title}", "", "Command:", "", "```", command, "```", "",
+            f"Machine: {meta['machine']}  ", f"Date: {meta['date']}  ",
+            f"Load average at start (1/5/15 min): {meta['load']}  ",
+            f"Versions: {meta['versions']}", ""]
+
+
+def render_concurrency(r: dict, command: str, meta: dict, quick: bool) -> str:
+    name = SECTION_NAMES["concurrency"]
+    lines = _head(name, command, meta, quick)
+    lines += [
+        f"Validation of {r['examples']} examples through a 3-node chain (llm `draft` → llm `answer` → function "
+        f"`parse`) against the fake OpenAI-compatible server (own process, 127.0.0.1) at {r['latency_s'] * 1000:g} ms "
+        f"latency, model `concurrency: {r['concurrency']}`, through ModelClient + litellm's real HTTP path, no cache.",
+        "",
+        "| calls | critical path | calls × latency ÷ concurrency | lower bound | wall | wall ÷ bound | server max in flight | client CPU | CPU per call | errors |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {r['calls']} | {_s(r['critical_path_s'])} | {_s(r['throughput_bound_s'])} | {_s(r['bound_s'])} "
+        f"| {_s(r['wall_s'])} | {r['ratio']:.3f}× | {r['server_max_in_flight']} | {_s(r['cpu_s'])} "
+        f"| {_ms(r['cpu_per_call_ms'])} | {r['errors']} |",
+        "",
+        f"Target: wall within {TARGETS['concurrency_ratio']}× of the bound: {_verdict(r['ratio'] <= TARGETS['concurrency_ratio'])}.",
+        "",
+    ]
+    p = r["profile"]
+    lines += [f"Where the client CPU goes (cProfile of the same evaluation, {p['examples']} examples = {p['calls']} "
+              f"calls, at zero latency; own time per package, builtins charged to their callers, waiting in epoll "
+              f"left out; profiling inflates Python-heavy code): litellm and the libraries under it (openai SDK, "
+              f"HTTP client, pydantic response objects) take **{p['litellm_share']:.0%}**.", "",
+              "| package | share of profiled CPU |", "|---|---:|"]
+    lines += [f"| {k} | {v:.1%} |" for k, v in p["groups"].items() if v >= 0.005]
+    lines.append(f"<!-- /bench:{name} -->")
+    return "\n".join(lines) + "\n"
+
+
+def render_overhead(r: dict, command: str, meta: dict, quick: bool) -> str:
+    name = SECTION_NAMES["overhead"]
+    s, lp, lh = r["stub"], r["litellm_fake_provider"], r["litellm_http"]
+    lines = _head(name, command, meta, quick)
+    lines += [
+        "The 3-node chain (llm → llm → function) evaluated with a zero-latency in-process model that bypasses "
+        "the model client (a stub whose `async complete` answers from the fake script: one regex per call, "
+        "included in the times).",
+        "",
+        "| path | examples | node invocations | model calls | wall | per node invocation | CPU per invocation | per model call | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| stub (no model client) | {s['examples']} | {s['invocations']} | {s['model_calls']} | {_s(s['wall_s'])} "
+        f"| {_ms(s['per_invocation_ms'])} | {_ms(s['cpu_per_invocation_ms'])} | – | {s['errors']} |",
+        f"| ModelClient + litellm, in-process fake provider | {lp['examples']} | – | {lp['model_calls']} "
+        f"| {_s(lp['wall_s'])} | – | – | {_ms(lp['per_call_ms'])} (CPU {_ms(lp['cpu_per_call_ms'])}) | {lp['errors']} |",
+        f"| ModelClient + litellm + HTTP, fake server at 0 ms | {lh['examples']} | – | {lh['model_calls']} "
+        f"| {_s(lh['wall_s'])} | – | – | {_ms(lh['per_call_ms'])} (CPU {_ms(lh['cpu_per_call_ms'])}) | {lh['errors']} |",
+        "",
+        f"Targets: framework time per node invocation < {TARGETS['per_invocation_ms']:g} ms: "
+        f"{_verdict(s['per_invocation_ms'] < TARGETS['per_invocation_ms'])}; "
+        f"{s['examples']:,}-example evaluation < {TARGETS['overhead_eval_s']:g} s: "
+        f"{_verdict(s['wall_s'] < TARGETS['overhead_eval_s'])}."
+        + (" (Quick sizes: the 3 s target is for 1,000 examples.)" if quick else ""),
+        "",
+        "The litellm rows are reported apart: they are the cost of the model client and litellm per call, "
+        "not of the engine.",
+        f"<!-- /bench:{name} -->",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render_cache(r: dict, command: str, meta: dict, quick: bool) -> str:
+    name = SECTION_NAMES["cache"]
+    c, w = r["cold"], r["warm"]
+    roles = lambda run: ", ".join(f"{k} {v}" for k, v in run["calls_by_role"].items() if v) or "0"  # noqa: E731
+    sz = r["sizes"]
+    lines = _head(name, command, meta, quick)
+    lines += [
+        f"`autodiff train` of a count-then-parse pipeline (train {sz['train']}, val {sz['val']}, test {sz['test']} "
+        f"examples, {sz['steps']} steps, batch 4, 2 proposals) with task, backward and optimizer all on the fake "
+        f"server at {r['latency_s'] * 1000:g} ms latency (`concurrency: {r['concurrency']}`), run twice on one "
+        "fresh `AUTODIFF_CACHE` (a separate process each time).",
+        "",
+        "| run | status | model calls (client) | requests the server saw | cached calls | training wall (summary.json) | whole process |",
+        "|---|---|---:|---:|---:|---:|---:|",
+        f"| cold | {c['status']} | {c['calls']} ({roles(c)}) | {c['server_requests']} | {c['cached_calls']} "
+        f"| {_s(c['run_wall_s'])} | {_s(c['process_wall_s'])} |",
+        f"| warm | {w['status']} | {w['calls']} | {w['server_requests']} | {w['cached_calls']} "
+        f"| {_s(w['run_wall_s'])} | {_s(w['process_wall_s'])} |",
+        "",
+        f"Warm ÷ cold: training wall {r['run_ratio']:.1%}, whole process {r['process_ratio']:.1%} "
+        f"(the process figure includes interpreter start-up and imports). Same best prompts: "
+        f"{'yes' if r['same_prompts'] else 'NO'}.",
+        "",
+        f"Targets: 0 model calls: {_verdict(w['calls'] == 0 and w['server_requests'] == 0)}; under "
+        f"{TARGETS['cache_ratio']:.0%} of the cold wall time: training wall {_verdict(r['run_ratio'] < TARGETS['cache_ratio'])}, "
+        f"whole process {_verdict(r['process_ratio'] < TARGETS['cache_ratio'])}.",
+        f"<!-- /bench:{name} -->",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render_memory(r: dict, command: str, meta: dict, quick: bool) -> str:
+    name = SECTION_NAMES["memory"]
+    lines = _head(name, command, meta, quick)
+    lines += [
+        f"`evaluate` of {r['examples']:,} examples through the 3-node chain with the zero-latency stub model, in a "
+        "fresh child process; peak RSS = the child's `VmHWM` (/proc/self/status; `resource.getrusage` ru_maxrss "
+        "would include the parent's pages, which Linux carries across fork + exec). Every trace is kept in the report, "
+        "as `autodiff eval` keeps them.",
+        "",
+        "| examples | model calls | traces kept | RSS before the evaluation (imports + data) | peak RSS | evaluation wall |",
+        "|---:|---:|---:|---:|---:|---:|",
+        f"| {r['examples']:,} | {r['model_calls']:,} | {r['traces_kept']:,} | {r['rss_before_eval_mb']:.0f} MB "
+        f"| {r['peak_rss_mb']:.0f} MB | {_s(r['wall_s'])} |",
+        "",
+        f"Target: peak RSS < {TARGETS['peak_rss_mb']:g} MB: {_verdict(r['peak_rss_mb'] < TARGETS['peak_rss_mb'])}."
+        + (" (Quick sizes: the target is for 10,000 examples.)" if quick else ""),
+        f"<!-- /bench:{name} -->",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+RENDER = {"concurrency": render_concurrency, "overhead": render_overhead, "cache": render_cache,
+          "memory": render_memory}
+MEASURE = {"concurrency": bench_concurrency, "overhead": bench_overhead, "cache": bench_cache,
+           "memory": bench_memory}
+
+
+def _meta() -> dict:
+    import platform
+
+    try:
+        from importlib.metadata import version
+        versions = f"Python {platform.python_version()}, litellm {version('litellm')}, openai {version('openai')}, " \
+                   f"httpx {version('httpx')}"
+    except Exception:  # noqa: BLE001
+        versions = f"Python {platform.python_version()}"
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return {"machine": _bench_runner().machine(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "load": load, "versions": versions}
+
+
+def run_benchmarks(sizes: Sizes, work: Path, only: list[str] | None = None) -> dict[str, dict]:
+    """Measure; {bench: {"result": ..., "meta": ...}} in BENCHES order."""
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    out: dict[str, dict] = {}
+    for bench in BENCHES:
+        if only and bench not in only:
+            continue
+        meta = _meta()
+        out[bench] = {"meta": meta, "result": MEASURE[bench](sizes, work)}
+    return out
+
+
+def render(measured: dict[str, dict], command: str, quick: bool) -> dict[str, str]:
+    return {b: RENDER[b](m["result"], command, m["meta"], quick) for b, m in measured.items()}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="benchmarks/perf/run.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test; the sections say so)")
+    ap.add_argument("--write", action="store_true", help="write the sections into the results file")
+    ap.add_argument("--only", action="append", choices=BENCHES, metavar="NAME",
+                    help=f"run only these ({', '.join(BENCHES)}; repeatable)")
+    ap.add_argument("--results", type=Path, default=HERE.parent / "RESULTS.md", metavar="FILE",
+                    help="the results file (default: benchmarks/RESULTS.md)")
+    ap.add_argument("--work", type=Path, default=None, metavar="DIR",
+                    help="scratch files (default: a temporary directory, removed at the end)")
+    ap.add_argument("--json", action="store_true", help="also print the raw measurements as JSON")
+    ap.add_argument("--memory-child", type=Path, default=None, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.memory_child is not None:
+        memory_child(args.memory_child)
+        return 0
+    command = "python benchmarks/perf/run.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = command.strip()
+    sizes = QUICK if args.quick else FULL
+    with contextlib.ExitStack() as stack:
+        if args.work is None:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="autodiff-perf-")))
+        else:
+            work = args.work.resolve()
+            work.mkdir(parents=True, exist_ok=True)
+        measured = run_benchmarks(sizes, work, args.only)
+    sections = render(measured, command, args.quick)
+    if args.json:
+        print(json.dumps({b: m["result"] for b, m in measured.items()}, indent=2, default=str))
+    for text in sections.values():
+        print(text)
+    if args.write:
+        runner = _bench_runner()
+        for bench, text in sections.items():
+            runner.write_section(args.results, SECTION_NAMES[bench], text)
+        log(f"wrote {len(sections)} section(s) of {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())
