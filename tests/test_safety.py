@@ -163,7 +163,8 @@ def test_until_cannot_reach_python(tmp_path, attack):
         assert run.exit_code in (0, 3), run.output
         for internal in ("<class", "<built-in", "<function", "__globals__", "subclasses"):
             assert internal not in run.output
-        assert "the loop goes on" in run.stderr  # refused while evaluating: a warning, never Python's answer
+        # refused while evaluating (a warning; the loop goes on): never true through some Python path
+        assert json.loads(run.stdout)["usage"]["task"]["calls"] == 2
     assert not sentinel.exists()
 
 
@@ -221,15 +222,19 @@ def test_templates_cannot_reach_python(tmp_path, attack, where):
     result = cli("validate", spec)
     no_traceback(result)
     assert result.exit_code in (0, 2), result.output
-    if result.exit_code == 2:
+    if result.exit_code == 2:  # refused statically: the spec, or the data that lacks such a "field"
         first = result.stderr.splitlines()[0]
-        assert first.startswith(f"error: {spec}"), first
-    else:  # compiled: rendering is refused by the sandbox (an example error) or harmless
+        assert first.startswith((f"error: {spec}:", f"error: {tmp_path / 'train.jsonl'}:")), first
+    else:  # compiled: rendering is refused by the sandbox (exit 2, naming the template) or harmless
         out = tmp_path / "out.jsonl"
         run = cli("eval", spec, "--json", "--no-cache", "--out", out)
         no_traceback(run)
-        assert run.exit_code in (0, 3), run.output
-        text = run.output + (out.read_text() if out.exists() else "")
+        assert run.exit_code in (0, 2), run.output
+        if run.exit_code == 2:
+            refusal = [line for line in run.stderr.splitlines() if line.startswith("error: ")][0]
+            assert refusal.startswith(f"error: nodes.answer.{where}: "), refusal
+            assert any(why in refusal for why in ("refused by the sandbox", "cannot render", "undefined value")), refusal
+        text = run.stdout + (out.read_text() if out.exists() else "")  # what was rendered and sent
         for internal in ("<class", "<built-in", "<function", "<module", "__globals__", "root:x:0:0", "_TemplateReference"):
             assert internal not in text, text
         data = json.loads((tmp_path / "val.jsonl").read_text())
@@ -237,12 +242,13 @@ def test_templates_cannot_reach_python(tmp_path, attack, where):
     assert not sentinel.exists()
 
 
-def test_template_sandbox_refusal_is_an_example_error_not_a_crash(tmp_path):
+def test_template_sandbox_refusal_is_a_clean_error_not_a_crash(tmp_path):
     spec = project(tmp_path, TEMPLATE_SPEC.replace("SYSTEM", json.dumps("{{ instruction }}")).replace(
         "USER", json.dumps("{{ input.question.__class__ }}")))
     result = cli("eval", spec, "--json", "--no-cache")
     no_traceback(result)
-    assert result.exit_code in (2, 3), result.output
+    assert result.exit_code == 2, result.output
+    assert "refused by the sandbox" in result.stderr and "Answer the question" not in result.stdout
 
 
 # ---------------------------------------------------------------- data cannot break out of a template

@@ -253,10 +253,10 @@ def test_literal_api_key_hidden_in_extra(project):
     assert secret not in r.stdout + r.stderr
 
 
-def test_rate_limit_is_not_implemented_yet(project):
-    text = edit(BASE, "temperature: 0}", "temperature: 0,\n         rpm: 60}")
+def test_several_deployments_are_not_implemented_yet(project):
+    text = edit(BASE, "temperature: 0}", "temperature: 0,\n         api_base: [http://127.0.0.1:1/v1, http://127.0.0.1:2/v1]}")
     r, spec = validate(project, text)
-    assert_refused(r, f"{spec}:{line_of(text, 'rpm')}", "models.task.rpm", "not implemented yet")
+    assert_refused(r, f"{spec}:{line_of(text, 'api_base')}", "models.task.api_base", "not implemented yet")
 
 
 def test_demo_schedule_needs_a_demos_param(project):

@@ -18,6 +18,7 @@ from typing import Callable, TYPE_CHECKING, Any, Mapping
 
 from autodiff_cli.errors import AutodiffError, ModelCallError, SpecError
 from autodiff_cli.llm import fake, local
+from autodiff_cli.llm.ratelimit import RateLimiter, estimate_tokens
 from autodiff_cli.llm.cache import CallCache
 from autodiff_cli.llm.usage import Usage
 
@@ -82,6 +83,7 @@ class ModelClient:
         self._targets: dict[str, Target] = {}
         self._semaphores: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Semaphore]] = {}
         self.before_call: Callable[[str], None] | None = None
+        self._limiters: dict[str, RateLimiter] = {}
 
     def add_model(self, name: str, cfg: "ModelConfig") -> None:
         """Register a config the spec does not name (e.g. the default teacher: task at another temperature)."""
@@ -204,11 +206,18 @@ class ModelClient:
         if api_key:
             kwargs["api_key"] = api_key
         async with self._semaphore(target):
+            limiter = self._limiter(target)
+            grant = await limiter.acquire(estimate_tokens(messages, cfg.max_tokens)) if limiter else None
             try:
                 # litellm does not enforce the timeout for custom providers; this does.
-                return await asyncio.wait_for(litellm.acompletion(**kwargs), timeout=cfg.timeout)
+                response = await asyncio.wait_for(litellm.acompletion(**kwargs), timeout=cfg.timeout)
             except TimeoutError:
                 raise TimeoutError(f"no reply within {cfg.timeout:g} s") from None
+            if grant is not None:
+                usage = getattr(response, "usage", None)
+                used = int(getattr(usage, "total_tokens", 0) or 0)
+                RateLimiter.settle(grant, used or grant.tokens)
+            return response
 
     def _read(self, target: Target, response) -> tuple[str, int, int, float]:
         choices = getattr(response, "choices", None) or []
@@ -248,6 +257,15 @@ class ModelClient:
         if target.provider == "fake":
             return {"script_sha256": fake.script_identity(target.path)}
         return {"model": target.cfg.model, "api_base": target.cfg.api_base}
+
+    def _limiter(self, target: Target) -> RateLimiter | None:
+        """The config's rpm/tpm window (None without limits); shared by all its calls."""
+        cfg = target.cfg
+        if cfg.rpm is None and cfg.tpm is None:
+            return None
+        if target.name not in self._limiters:
+            self._limiters[target.name] = RateLimiter(cfg.rpm, cfg.tpm)
+        return self._limiters[target.name]
 
     def _semaphore(self, target: Target) -> asyncio.Semaphore:
         loop = asyncio.get_running_loop()

@@ -229,10 +229,6 @@ def unbuilt_keys(spec: Spec) -> list[tuple[tuple, str]]:
     """Keys of the format whose behaviour is not built yet: (key path, what arrives later)."""
     found: list[tuple[tuple, str]] = []
     for name, m in spec.models.items():
-        if m.rpm is not None:
-            found.append((("models", name, "rpm"), "rate limits"))
-        if m.tpm is not None:
-            found.append((("models", name, "tpm"), "rate limits"))
         if isinstance(m.api_base, list):
             found.append((("models", name, "api_base"), "several deployments (Router)"))
     return found
