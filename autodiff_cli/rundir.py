@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,19 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+PAUSE_ENV = "AUTODIFF_TEST_PAUSE_BEFORE_REPLACE"
+
+
+def _test_pause_before_replace(path: Path) -> None:
+    """Test-only (benchmarks/crash_trials.py): with AUTODIFF_TEST_PAUSE_BEFORE_REPLACE=<file name>:<seconds>,
+    say so on stderr and sleep between writing that file's temporary copy and replacing it, so a
+    crash can be aimed at the middle of an atomic write."""
+    name, _, seconds = os.environ.get(PAUSE_ENV, "").rpartition(":")
+    if name and path.name == name:
+        print(f"pause before replace {name}", file=sys.stderr, flush=True)
+        time.sleep(float(seconds))
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` atomically: the old content or the new one survives a crash, never a mix.
 
@@ -73,6 +88,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
+        _test_pause_before_replace(path)
         os.replace(tmp, path)
     except BaseException:
         try:

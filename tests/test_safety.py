@@ -326,6 +326,8 @@ KEY_ENV = "AUTODIFF_TEST_PLANTED_KEY"
 
 TRAIN_SCRIPT = r"""
 rules:
+  - match: "n=9"
+    error: auth
   - match: "backward engine"
     in: system
     reply: '{"diagnosis": "It did not add.", "param: instruction": "Tell the model to ALWAYS ADD the counts."}'
@@ -337,8 +339,6 @@ rules:
     reply: "Sum is {1}. Answer: {1}"
   - match: "n=1\\b"
     reply: "Answer: 1"
-  - match: "n=9"
-    error: auth
 default: "Answer: 0"
 """
 
@@ -369,8 +369,8 @@ def _rows(prefix, ns):
 
 def secret_project(tmp_path: Path) -> Path:
     write(tmp_path / "script.yaml", TRAIN_SCRIPT)
-    # n=9 is scripted to fail with an authentication error: an error path the key could ride on
-    for name, ns in (("train", [1, 2, 3, 1, 4, 5]), ("val", [1, 2, 3, 9]), ("test", [1, 6, 9])):
+    # n=9 (test split) is scripted to fail with an authentication error: an error path the key could ride on
+    for name, ns in (("train", [1, 2, 3, 1, 4, 5]), ("val", [1, 2, 3, 4]), ("test", [1, 6, 9])):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(name, ns)))
     (tmp_path / "spec.yaml").write_text(SECRET_SPEC.lstrip())
     return tmp_path / "spec.yaml"
@@ -400,7 +400,7 @@ def test_a_planted_key_never_leaves_the_environment(tmp_path):
     assert train.returncode == 0, train.stderr.decode()
     run_dir = Path(train.stdout.decode().strip().splitlines()[-1])
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["usage"]["task"]["errors"] > 0  # the auth error path was taken
+    assert summary["usage"]["task"]["errors"] > 0  # the auth error path was taken (test split)
     assert summary["proposals"]["tried"] >= 1  # backward and optimizer were called
     evals = tmp_path / "evals"
     for split in ("val", "test"):
@@ -409,7 +409,7 @@ def test_a_planted_key_never_leaves_the_environment(tmp_path):
                             cwd=tmp_path, timeout=300)
         outputs += [ev.stdout, ev.stderr]
         assert ev.returncode in (0, 3), ev.stderr.decode()
-    assert any(r["error"] for r in map(json.loads, (evals / "val.jsonl").read_text().splitlines()))
+    assert any(r["error"] for r in map(json.loads, (evals / "test.jsonl").read_text().splitlines()))
     for extra in (["export-prompts", str(run_dir), "--format", "config"], ["runs", "show", str(run_dir), "--json"],
                   ["report", str(run_dir)], ["cache", "stats"],
                   ["train", str(spec), "--runs-dir", str(tmp_path / "runs"), "--resume", str(run_dir)]):
@@ -447,11 +447,12 @@ def test_a_key_in_a_provider_error_is_scrubbed_everywhere(tmp_path, monkeypatch)
     assert "Incorrect API key provided" in out.read_text()
     tr = cli("train", spec, "--runs-dir", tmp_path / "runs")
     assert tr.exit_code in (2, 3), tr.output
+    assert "Incorrect API key provided: ***" in out.read_text()
+    cache = Path(os.environ["AUTODIFF_CACHE"])
     for form in leak_forms(KEY):
         assert form.decode("latin-1") not in ev.output + tr.output
         assert files_containing(tmp_path, form) == []
-        assert files_containing(Path(os.environ["AUTODIFF_CACHE"]), form) == [] if Path(
-            os.environ["AUTODIFF_CACHE"]).exists() else True
+        assert not cache.exists() or files_containing(cache, form) == []
 
 
 def test_the_cache_directory_is_private(tmp_path, monkeypatch):
