@@ -66,6 +66,10 @@ def compile_template(source: str) -> Template:
     for node in ast.find_all((nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)):
         raise TemplateError("template syntax error: a prompt template is self-contained "
                             "({% extends %}, {% include %} and {% import %} are not supported)", node.lineno)
+    for node in ast.find_all((nodes.Getattr, nodes.Getitem)):
+        key = node.attr if isinstance(node, nodes.Getattr) else getattr(node.arg, "value", None)
+        if isinstance(key, str) and key.startswith("_"):  # Python internals: refused now, not at render time
+            raise TemplateError(f"template refers to `{key}`: names starting with `_` are not allowed", node.lineno)
     names = frozenset(meta.find_undeclared_variables(ast))
     attributes: set[tuple[str, str]] = set()
     through_attribute: set[int] = set()  # ids of Name nodes read as name.attr

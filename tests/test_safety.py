@@ -248,7 +248,9 @@ def test_template_sandbox_refusal_is_a_clean_error_not_a_crash(tmp_path):
     result = cli("eval", spec, "--json", "--no-cache")
     no_traceback(result)
     assert result.exit_code == 2, result.output
-    assert "refused by the sandbox" in result.stderr and "Answer the question" not in result.stdout
+    # refused when the spec is compiled, with the file, line and key, before any call
+    assert "names starting with `_`" in result.stderr and "Answer the question" not in result.stdout
+    assert result.stderr.startswith(f"error: {spec}:") and "nodes." in result.stderr.splitlines()[0]
 
 
 # ---------------------------------------------------------------- data cannot break out of a template
