@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from .console import log, progress, stderr_is_tty
+from .console import log, progress, setup_logging, stderr_is_tty
 from .errors import EXIT_BELOW_THRESHOLD, EXIT_MODEL_ERRORS, DataError, UsageError
 
 
@@ -107,6 +107,7 @@ def eval_command(config: Path, *, prompts: Path | None, run: Path | None, split:
 
     if split not in SPLITS:
         raise UsageError(key="--split", expected="train, val or test", got=repr(split))
+    setup_logging()
     p = load_pipeline(config, overrides)
     values = values_for(p.spec, prompts, run)
     examples = load_split(p.loaded, split, p.program.input_fields)

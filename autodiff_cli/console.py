@@ -27,9 +27,20 @@ def setup_logging() -> None:
     """Warnings of the `autodiff.*` loggers (unparsed replies, failed backward calls) as log lines."""
     import logging
 
+    class CurrentStderr(logging.StreamHandler):
+        """Writes to whatever sys.stderr is at the time (tests and embedders swap it)."""
+
+        @property
+        def stream(self):  # type: ignore[override]
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value) -> None:
+            pass
+
     logger = logging.getLogger("autodiff")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = CurrentStderr()
         handler.setFormatter(logging.Formatter("[%(asctime)s] %(levelname)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.setLevel(logging.WARNING)
