@@ -32,9 +32,9 @@ runs the same trials (CRASH_TRIALS, default 6).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
-import platform
 import random
 import re
 import shlex
@@ -377,21 +377,19 @@ def counts(trials: list[Trial]) -> dict:
 # ---------------------------------------------------------------- RESULTS.md
 
 
+def _bench_runner():
+    """benchmarks/run.py, for its machine() and write_section(); loaded by path (not a package)."""
+    name = "autodiff_bench_runner"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / "run.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def machine() -> str:
-    cpu, ram = platform.processor() or platform.machine(), None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                ram = int(line.split()[1]) / 1024 / 1024
-                break
-    except OSError:
-        pass
-    return (f"{os.cpu_count()} cores ({cpu}), {f'{ram:.1f} GiB RAM' if ram else 'RAM unknown'}, "
-            f"Python {platform.python_version()}, {platform.system()}")
+    return _bench_runner().machine()
 
 
 def section(command: str, ref: Reference, trials: list[Trial]) -> str:
@@ -422,14 +420,7 @@ def section(command: str, ref: Reference, trials: list[Trial]) -> str:
 
 
 def write_section(results: Path, text: str) -> None:
-    old = results.read_text(encoding="utf-8") if results.exists() else ""
-    pattern = re.compile(re.escape(f"<!-- bench:{SECTION} -->") + r".*?" + re.escape(f"<!-- /bench:{SECTION} -->") + r"\n?",
-                         re.S)
-    new = pattern.sub(lambda m: text, old, count=1) if pattern.search(old) else (
-        (old.rstrip("\n") + "\n\n" if old.strip() else "") + text)
-    tmp = results.with_name(f".{results.name}.tmp")
-    tmp.write_text(new, encoding="utf-8")
-    os.replace(tmp, results)
+    _bench_runner().write_section(results, SECTION, text)
 
 
 def main(argv: list[str] | None = None) -> int:

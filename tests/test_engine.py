@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import json
 
-import pytest
 
 from autodiff_cli.compiler import compile_spec
 from autodiff_cli.engine import score

@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 import random
-import textwrap
 from dataclasses import replace
 from importlib import resources
 from pathlib import Path
