@@ -90,3 +90,38 @@ def progress(label: str, total: int, enabled: bool = True, bar: bool = True) -> 
             log(f"{label}: {done}/{total_} done, score {_fmt_score(score)}, errors {errors}")
 
     yield update_plain
+
+
+class LiveStatus:
+    """One live status line under the log lines on a terminal (train); plain log lines otherwise.
+
+    `line` is called a few times a second for the current text; `print` adds a log line above it.
+    """
+
+    def __init__(self, line) -> None:
+        self.line = line
+        self._live = None
+
+    def __enter__(self) -> "LiveStatus":
+        if stderr_is_tty() and not _settings["quiet"]:
+            from rich.console import Console
+            from rich.live import Live
+            from rich.text import Text
+
+            self._text = Text
+            self._live = Live(get_renderable=lambda: Text(self.line()), console=Console(stderr=True),
+                              refresh_per_second=4, transient=True)
+            self._live.__enter__()
+        return self
+
+    def print(self, message: str) -> None:
+        if self._live is None:
+            log(message)
+        else:
+            stamp = datetime.now(timezone.utc).strftime("%H:%M:%S")
+            self._live.console.print(self._text(f"[{stamp}] {message}"))
+
+    def __exit__(self, *exc) -> None:
+        if self._live is not None:
+            self._live.__exit__(*exc)
+            self._live = None

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import typer
 
-from .console import log, setup_logging
+from .console import LiveStatus, log, setup_logging
 from .errors import (EXIT_BUDGET, EXIT_INTERRUPTED, EXIT_MODEL_ERRORS, BudgetExhausted, ErrorRateExceeded,
                      UsageError)
 
@@ -104,10 +104,14 @@ def train_command(config: Path, *, runs_dir: Path, resume: Path | None, dry_run:
     trainer.backward_engine.client = client
     client.before_call = BudgetGate(spec.train.budget, client.usage)
     wall_base, started = state.wall_seconds, time.monotonic()
+    now = {"phase": "starting", "step": state.step}
+    status_line = LiveStatus(lambda: _status_text(spec.name, now, state, trainer, client.usage,
+                                                  wall_base + time.monotonic() - started))
 
     def on_phase(phase: str, info: dict) -> None:
         details = " ".join(f"{k}={v}" for k, v in info.items())
-        log(f"{phase} {details}".strip())
+        now.update(phase=f"{phase} {details}".strip(), step=info.get("step", now["step"]))
+        status_line.print(f"{phase} {details}".strip())
 
     def on_step(st, row: dict, trace_rows: list[dict]) -> None:
         st.usage = client.usage.to_dict()
@@ -116,11 +120,11 @@ def train_command(config: Path, *, runs_dir: Path, resume: Path | None, dry_run:
             rd.write_traces(row["step"], trace_rows)
             rd.append_metrics(row)
             accepted = sum(1 for pr in row["proposals"] if pr["accepted"])
-            log(f"step {row['step']}: batch {_f(row['batch_score'])} subset {_f(row['subset_score'])} "
+            status_line.print(f"step {row['step']}: batch {_f(row['batch_score'])} subset {_f(row['subset_score'])} "
                 f"proposals {len(row['proposals'])} accepted {accepted} best val {_f(st.best_val)}"
                 + (f" (skipped: {row['skipped']})" if row.get("skipped") else ""))
         else:
-            log(f"initial validation score {_f(st.initial_val)}")
+            status_line.print(f"initial validation score {_f(st.initial_val)}")
         rd.write_prompts(st.best_values or st.values)
         rd.write_checkpoint({"schema_version": SCHEMA_VERSION, "state": st.to_dict()})
         rd.write_summary(summary_of(rd, spec, trainer, st, "running", None, {}, config))
@@ -144,7 +148,8 @@ def train_command(config: Path, *, runs_dir: Path, resume: Path | None, dry_run:
                 loop.remove_signal_handler(sig)
 
     try:
-        asyncio.run(main())
+        with status_line:
+            asyncio.run(main())
         reason = state.stop_reason or f"ran {state.step} of {trainer.total_steps()} steps"
     except asyncio.CancelledError:
         status, reason, code = "interrupted", "interrupted by a signal; resume with --resume", EXIT_INTERRUPTED
@@ -179,6 +184,21 @@ def _write_report(rd, secrets: list[str]) -> None:
         write_report(rd.path, secrets=secrets)
     except (AutodiffError, OSError, ValueError) as e:
         log(f"warning: report not written: {e}")
+
+
+def _status_text(name: str, now: dict, state, trainer, usage, elapsed: float) -> str:
+    """The live line: phase, step, scores, calls, cost, elapsed time and a rough ETA."""
+    total = trainer.total_steps()
+    done = state.step
+    eta = f", ETA {_clock(elapsed / done * (total - done))}" if 0 < done < total else ""
+    return (f"train {name} · step {now['step']}/{total} · {now['phase']} · best val {_f(state.best_val)} "
+            f"(initial {_f(state.initial_val)}) · {usage.total_calls()} calls · ${usage.total_cost():.4f} · "
+            f"{_clock(elapsed)} elapsed{eta}")
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def _f(value) -> str:

@@ -71,3 +71,25 @@ def test_on_a_terminal_a_progress_bar_is_on_screen(tmp_path):
         assert re.search(r"\d+/12", screen)
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_train_shows_a_live_status_line_on_a_terminal(tmp_path):
+    from .test_train import setup
+
+    setup(tmp_path, new_value="Count the things slowly.")
+    (tmp_path / "script.yaml").write_text((tmp_path / "script.yaml").read_text() + "latency: 0.4\n")
+    session = f"autodiff-train-{os.getpid()}"
+    cmd = (f"{sys.executable} -m autodiff_cli.cli train {tmp_path / 'spec.yaml'} --runs-dir {tmp_path / 'runs'}"
+           f" --concurrency 1; sleep 5")
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "30", cmd], check=True,
+                   env={**os.environ, "TERM": "xterm-256color"})
+    try:
+        screen = ""
+        deadline = time.time() + 30
+        while time.time() < deadline and "train toy · step" not in screen:
+            time.sleep(0.3)
+            screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True).stdout
+        assert "train toy · step" in screen and "best val" in screen and "calls" in screen
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
