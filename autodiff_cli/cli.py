@@ -179,7 +179,10 @@ def data_fetch(name: str = typer.Argument(..., help="object_counting, trec, hotp
 
 @cache_app.command("stats")
 def cache_stats() -> None:
-    """Where the cache is, how many replies it holds and its size."""
+    """Where the cache is, how many replies it holds and its size.
+
+    Example: AUTODIFF_CACHE=/tmp/ad-cache autodiff cache stats
+    """
     from .commands import cache_stats_command
 
     run_guarded(cache_stats_command)
@@ -187,7 +190,10 @@ def cache_stats() -> None:
 
 @cache_app.command("clear")
 def cache_clear() -> None:
-    """Delete every cached reply."""
+    """Delete every cached reply (the next run calls the models again).
+
+    Example: autodiff cache clear
+    """
     from .commands import cache_clear_command
 
     run_guarded(cache_clear_command)
@@ -195,7 +201,10 @@ def cache_clear() -> None:
 
 @app.command()
 def schema() -> None:
-    """Print the JSON Schema of the config format (for editor completion and validation)."""
+    """Print the JSON Schema of the config format (for editor completion and validation).
+
+    Example: autodiff schema > autodiff.schema.json   (then point your editor's YAML plugin at it)
+    """
     import json
 
     from .spec.models import Spec
