@@ -115,7 +115,7 @@ def eval_command(config: Path, *, prompts: Path | None, run: Path | None, split:
         examples = examples[:limit]
     client = make_client(p, concurrency=concurrency, no_cache=no_cache)
     check_models(p, client, task_models(p))
-    with progress(f"eval {p.spec.name} [{split}]", len(examples), bar=not json_out) as update:
+    with progress(f"eval {p.spec.name} [{split}]", len(examples), bar=not json_out, usage=client.usage) as update:
         report = asyncio.run(evaluate(p.program, examples, values, client, progress=update))
     usage = client.usage.to_dict()
     result = {"name": p.spec.name, "split": split, "n": report.n, "completed": report.completed,

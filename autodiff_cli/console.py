@@ -58,8 +58,14 @@ def _fmt_score(score: float | None) -> str:
 
 
 @contextmanager
-def progress(label: str, total: int, enabled: bool = True, bar: bool = True) -> Iterator:
-    """Yields update(done, total, errors, score). A bar on a TTY (unless bar=False), else a line every ~10%."""
+def progress(label: str, total: int, enabled: bool = True, bar: bool = True, usage=None) -> Iterator:
+    """Yields update(done, total, errors, score). A bar on a TTY (unless bar=False), else a line every ~10%.
+
+    With `usage` (an llm.usage.Usage), the bar and the lines also show calls and cost so far.
+    """
+    def spend() -> str:
+        return "" if usage is None else f" · {usage.total_calls()} calls ${usage.total_cost():.4f}"
+
     if not enabled or _settings["quiet"]:
         yield lambda *a: None
         return
@@ -68,15 +74,15 @@ def progress(label: str, total: int, enabled: bool = True, bar: bool = True) -> 
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         display = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                       TextColumn("score {task.fields[score]} errors {task.fields[errors]}"),
+                       TextColumn("score {task.fields[score]} errors {task.fields[errors]}{task.fields[spend]}"),
                        TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=True)
         with display:
             from rich.markup import escape
 
-            task = display.add_task(escape(label), total=total, score="-", errors=0)
+            task = display.add_task(escape(label), total=total, score="-", errors=0, spend=spend())
 
             def update(done: int, total_: int, errors: int, score: float | None) -> None:
-                display.update(task, completed=done, score=_fmt_score(score), errors=errors)
+                display.update(task, completed=done, score=_fmt_score(score), errors=errors, spend=spend())
 
             yield update
         return
@@ -87,7 +93,7 @@ def progress(label: str, total: int, enabled: bool = True, bar: bool = True) -> 
         step = done * 10 // max(total_, 1)
         if done == total_ or step > last["step"] or time.monotonic() - last["t"] > 30:
             last.update(t=time.monotonic(), step=step)
-            log(f"{label}: {done}/{total_} done, score {_fmt_score(score)}, errors {errors}")
+            log(f"{label}: {done}/{total_} done, score {_fmt_score(score)}, errors {errors}{spend()}")
 
     yield update_plain
 

@@ -67,7 +67,7 @@ def test_on_a_terminal_a_progress_bar_is_on_screen(tmp_path):
         while time.time() < deadline and "━" not in screen:
             time.sleep(0.3)
             screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True).stdout
-        assert "━" in screen and "eval slow [val]" in screen  # the bar, with its label intact
+        assert "━" in screen and "eval slow [val]" in screen and "calls $" in screen  # bar, label, spend
         assert re.search(r"\d+/12", screen)
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
