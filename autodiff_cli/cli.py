@@ -34,8 +34,14 @@ SetOption = typer.Option(None, "--set", metavar="KEY=VALUE",
 
 
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.")) -> None:
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+          env_file: Optional[Path] = typer.Option(None, "--env-file", metavar="FILE",
+                                                  help="Read API keys (NAME=value lines) from this file; the environment wins.")) -> None:
     _state["debug"] = debug
+    if env_file is not None:
+        from .envfile import load_env_file
+
+        run_guarded(load_env_file, env_file)
 
 
 def _fail(err: AutodiffError) -> None:
