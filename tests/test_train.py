@@ -299,3 +299,20 @@ def test_textgrad_mode_backprops_every_example_and_takes_one_unvalidated_proposa
     assert yaml.safe_load((run / "prompts.yaml").read_text())["instruction"] == "Count the things."
     checkpoint = json.loads((run / "checkpoint.json").read_text())["state"]
     assert checkpoint["values"]["instruction"] == "Count the things slowly."
+
+
+def test_too_many_call_errors_fail_the_run_and_keep_completed_steps(tmp_path):
+    setup(tmp_path, new_value="Count the things slowly.",
+          spec=SPEC.replace("seed: 0}", "seed: 0, max_error_rate: 0.1}").replace("task: {model: fake/script.yaml}",
+                                                                                 "task: {model: fake/script.yaml, max_retries: 1}"))
+    script = (tmp_path / "script.yaml").read_text().replace("rules:\n", "rules:\n  - match: 'n=5'\n    error: 500\n", 1)
+    (tmp_path / "script.yaml").write_text(script)
+    result, run = train(tmp_path, "--no-cache")
+    assert result.exit_code == 3, result.output
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and "model-call errors" in summary["reason"]
+    assert summary["usage"]["task"]["errors"] >= 2  # the attempt and its retry
+    metrics_file = run / "metrics.jsonl"
+    metrics = [json.loads(x) for x in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
+    assert summary["steps"] == len(metrics)  # every completed step is kept, the failed one is not
+    assert json.loads((run / "checkpoint.json").read_text())["state"]["step"] == summary["steps"]
