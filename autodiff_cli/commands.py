@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from .console import log, progress, setup_logging, stderr_is_tty
+from .console import log, progress, setup_logging
 from .errors import EXIT_BELOW_THRESHOLD, EXIT_MODEL_ERRORS, DataError, UsageError
 
 
@@ -208,4 +208,3 @@ def cache_clear_command() -> None:
     print(f"removed {CallCache().clear()} cached replies")
 
 
-__all__ = ["stderr_is_tty"]
