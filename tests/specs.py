@@ -57,3 +57,35 @@ nodes:
 output: parse
 metric: {fn: exact_match, args: {pred: parse, target: input.answer}}
 """
+
+
+# A toy training setup: the task model answers right only when its instruction says ALWAYS ADD
+# (or when the answer is 1); the backward engine says so; the optimizer proposes %(new)s.
+TOY_SCRIPT = r"""
+rules:
+  - match: "backward engine"
+    in: system
+    reply: '{"diagnosis": "It did not add.", "param: instruction": "The instruction never says to add the counts: it should tell the model to ALWAYS ADD them."}'
+  - match: "read by a program"
+    in: system
+    reply: '{"reasoning": "Feedback says to add.", "method": "add_instruction", "new_value": "%(new)s"}'
+  - match: 'ALWAYS ADD[\s\S]*n=(\d+)'
+    in: all
+    reply: "Sum is {1}. Answer: {1}"
+  - match: 'n=1\b'
+    reply: "Answer: 1"
+default: "Answer: 0"
+"""
+
+TOY_SPEC = """
+name: toy
+models:
+  task: {model: fake/script.yaml}
+  backward: {model: fake/script.yaml}
+  optimizer: {model: fake/script.yaml}
+data:
+  train: train.jsonl
+  val: val.jsonl
+  test: test.jsonl
+""" + COUNT_PIPELINE.lstrip() + """train: {max_steps: 2, batch_size: 4, max_proposals: 2, max_error_samples: 2, max_correct_samples: 1, seed: 0}
+"""

@@ -16,38 +16,11 @@ from autodiff_cli.cli import app
 from autodiff_cli.llm.fake import reset_fake_state
 
 from .conftest import write
-from .specs import COUNT_PIPELINE
+from .specs import TOY_SCRIPT, TOY_SPEC
 
-# The task model answers right only when its instruction says ALWAYS ADD (or when the answer is 1);
-# the optimizer always proposes %(new)s.
-SCRIPT = r"""
-rules:
-  - match: "backward engine"
-    in: system
-    reply: '{"diagnosis": "It did not add.", "param: instruction": "The instruction never says to add the counts: it should tell the model to ALWAYS ADD them."}'
-  - match: "read by a program"
-    in: system
-    reply: '{"reasoning": "Feedback says to add.", "method": "add_instruction", "new_value": "%(new)s"}'
-  - match: 'ALWAYS ADD[\s\S]*n=(\d+)'
-    in: all
-    reply: "Sum is {1}. Answer: {1}"
-  - match: 'n=1\b'
-    reply: "Answer: 1"
-default: "Answer: 0"
-"""
+SCRIPT = TOY_SCRIPT
 
-SPEC = """
-name: toy
-models:
-  task: {model: fake/script.yaml}
-  backward: {model: fake/script.yaml}
-  optimizer: {model: fake/script.yaml}
-data:
-  train: train.jsonl
-  val: val.jsonl
-  test: test.jsonl
-""" + COUNT_PIPELINE.lstrip() + """train: {max_steps: 2, batch_size: 4, max_proposals: 2, max_error_samples: 2, max_correct_samples: 1, seed: 0}
-"""
+SPEC = TOY_SPEC
 
 ACCEPTED_VALUE = "Count all items. ALWAYS ADD the counts."
 REJECTED_VALUE = "Count the things slowly."
