@@ -436,7 +436,8 @@ class Trainer:
                  evaluations: dict[str, Evaluation], failed: list[gdpo.FailedProposal]) -> gdpo.ProposalRequest:
         specs = self.program.params
         view = lambda n: gdpo.ParamView(n, state.values[n], specs[n].role or _default_role(specs[n]))  # noqa: E731
-        peers = sorted({p for node in self.program.all_nodes() if param in node.params for p in node.params} - {param})
+        peers = sorted({p for node in self.program.all_nodes() if param in node.params for p in node.params
+                        if state.values[p] or specs[p].kind != "demos"} - {param})  # empty demos: not in the prompt
         others = [p for p in specs if p in self.trainable and p != param and p not in peers]
         feedback = [gdpo.FeedbackItem(g.example_id, g.score, g.node, g.call_index, g.topo_index, g.feedback)
                     for g in gradients if g.target == f"param:{param}"]
@@ -449,7 +450,7 @@ class Trainer:
             history=[gdpo.HistoryEntry(h["step"], h["values"], h["val_score"]) for h in history],
             failed=list(failed), feedback=feedback, samples=samples, constraints=list(self.spec.constraints),
             steps_since_improvement=state.steps_since_improvement,
-            mode="autodiff" if self.strategy.gradients else "no_gradient")
+            mode="autodiff" if self.strategy.gradients else "no_gradient", current=dict(state.values))
 
     async def _propose(self, request: gdpo.ProposalRequest) -> gdpo.Proposal:
         try:

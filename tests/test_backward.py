@@ -444,3 +444,27 @@ def test_golden_backward_llm_and_loss_feedback(tmp_path):
     _, rec = backward(program, client, trace, ev)
     check_golden("backward_llm.txt", as_text(rec.request_for("count#0")["messages"]))
     check_golden("loss_feedback.txt", ev.text + "\n")
+
+
+# ------------------------------------------------------------------ empty demos are not shown
+
+DEMOS_CHAIN = CHAIN.replace(
+    '  answer_format: {value: "End with Answer: N", role: output format, trainable: false}\n',
+    '  answer_format: {value: "End with Answer: N", role: output format, trainable: false}\n'
+    '  shots: {kind: demos, value: "DEMO_VALUE"}\n').replace(
+    'system: "{{ instruction }} {{ answer_format }}"',
+    'system: "{{ instruction }} {{ answer_format }}{% if shots %} {{ shots }}{% endif %}"')
+
+
+@pytest.mark.parametrize("demo_value, shown", [("", False), ("Q: 1 apple. A: 1", True)])
+def test_an_empty_demos_block_is_left_out_of_the_backward_prompt(tmp_path, demo_value, shown):
+    # an empty demos block is not part of the task prompt, so the backward prompt is the same
+    # as without the param; a chosen block is shown as a fixed peer
+    program, client, trace, ev = chain(tmp_path, spec=DEMOS_CHAIN.replace("DEMO_VALUE", demo_value))
+    plain = chain(tmp_path / "plain", spec=CHAIN)
+    prompt = backward(program, client, trace, ev)[1].prompt_for("count#0")
+    assert ("`shots`" in prompt) is shown
+    if shown:
+        assert "- `shots` (few-shot demonstrations (worked examples), fixed): Q: 1 apple. A: 1" in prompt
+    else:
+        assert prompt == backward(*plain)[1].prompt_for("count#0")

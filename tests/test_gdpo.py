@@ -329,3 +329,17 @@ def test_value_delimiters_copied_from_the_meta_prompt_are_dropped():
     value, method, _ = parse_proposal('{"reasoning": "r", "method": "rephrase", "new_value": "<VALUE>Think step by step.</VALUE>"}')
     assert (value, method) == ("Think step by step.", "rephrase")
     assert parse_proposal('{"reasoning": "r", "method": "rephrase", "new_value": "<VALUE></VALUE>"}')[0] is None
+
+
+def test_history_names_only_values_that_differ_from_the_current_ones():
+    # `current` holds every param (a fixed one of another node and an empty demos block too):
+    # a history entry lists beside the param only what was different then
+    request = make_request(
+        history=[HistoryEntry(1, {"instruction": INSTRUCTION, "answer_format": "End with 'Answer: N' where N is an integer.",
+                                  "retriever_prompt": "Find passages.", "shots": "", "query_instruction": "Old query."},
+                              0.5)],
+        current={"instruction": INSTRUCTION, "answer_format": "End with 'Answer: N' where N is an integer.",
+                 "retriever_prompt": "Find passages.", "shots": "", "query_instruction": "Write a search query for the question."})
+    user = render_optimizer_messages(request)[1]["content"]
+    assert "Old query." in user  # changed since: shown
+    assert "retriever_prompt" not in user and "shots" not in user  # unchanged (fixed, empty demos): not shown

@@ -109,6 +109,9 @@ class ProposalRequest:
     constraints: list[str]
     steps_since_improvement: int
     mode: str  # "autodiff" | "no_gradient"
+    # every param's current value (fixed ones and empty demos too); history entries name the
+    # values that differed from these. Default: the values shown above.
+    current: dict[str, str] | None = None
 
 
 @dataclass
@@ -132,7 +135,7 @@ def render_optimizer_messages(request: ProposalRequest) -> list[dict]:
 
 def _context(request: ProposalRequest) -> dict[str, Any]:
     param = request.param
-    current = {p.name: p.value for p in [param, *request.peers, *request.others]}
+    current = request.current or {p.name: p.value for p in [param, *request.peers, *request.others]}
     samples = {s.example_id: _sample(s) for s in request.samples}
     history = sorted(request.history, key=lambda h: (-h.val_score, h.step))
     failed = sorted(request.failed, key=lambda f: (_values_key(f.values), f.reason))
