@@ -23,7 +23,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 data_app = typer.Typer(help="Public datasets: fetch and convert.", no_args_is_help=True)
-cache_app = typer.Typer(help="The model-call cache ($AUTODIFF_CACHE).", no_args_is_help=True)
+cache_app = typer.Typer(help="The model-call cache ($AUTODIFF_CACHE, or Redis at $AUTODIFF_CACHE_URL).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(cache_app, name="cache")
 

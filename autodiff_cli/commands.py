@@ -37,12 +37,12 @@ def load_pipeline(config: Path, overrides: list[str]) -> Pipeline:
 
 
 def make_client(pipeline: Pipeline, *, concurrency: int | None, no_cache: bool):
-    from .llm.cache import CallCache
+    from .llm.cache import open_cache
     from .llm.client import ModelClient
     from .llm.usage import Usage
 
     return ModelClient(pipeline.spec.models, config_dir=pipeline.loaded.config_dir, usage=Usage(),
-                       cache=None if no_cache else CallCache(), concurrency=concurrency)
+                       cache=None if no_cache else open_cache(), concurrency=concurrency)
 
 
 def check_models(pipeline: Pipeline, client, models) -> None:
@@ -196,15 +196,16 @@ def fetch_command(name: str, from_dir: Path | None, dest: Path | None) -> None:
 
 
 def cache_stats_command() -> None:
-    from .llm.cache import CallCache
+    from .llm.cache import open_cache
 
-    stats = CallCache().stats()
-    print(f"directory: {stats['directory']}\nentries: {stats['entries']}\nsize: {stats['size_bytes'] / 1e6:.1f} MB")
+    stats = open_cache().stats()
+    where = f"redis: {stats['url']} (keys {stats['prefix']}*)" if "url" in stats else f"directory: {stats['directory']}"
+    print(f"{where}\nentries: {stats['entries']}\nsize: {stats['size_bytes'] / 1e6:.1f} MB")
 
 
 def cache_clear_command() -> None:
-    from .llm.cache import CallCache
+    from .llm.cache import open_cache
 
-    print(f"removed {CallCache().clear()} cached replies")
+    print(f"removed {open_cache().clear()} cached replies")
 
 

@@ -70,7 +70,9 @@ async def evaluate(program: Program, examples: list[Example], values: dict[str, 
     score can no longer end strictly above that value, counting unfinished examples as 1.
     """
     engine = ForwardEngine(program, client)
-    limit = max_in_flight or max(16, 2 * sum(m.concurrency for m in program.spec.models.values()))
+    # the client's --concurrency replaces every config's own limit, so it sizes the gate too
+    override = getattr(client, "concurrency", None)
+    limit = max_in_flight or max(16, 2 * sum(override or m.capacity() for m in program.spec.models.values()))
     gate = asyncio.Semaphore(limit)  # bounds memory for large sets; the model limits pace the calls
     report = EvalReport(n=len(examples))
     start = time.perf_counter()

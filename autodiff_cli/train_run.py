@@ -95,7 +95,7 @@ def train_command(config: Path, *, runs_dir: Path, resume: Path | None, dry_run:
         else:
             state = TrainState.from_dict(checkpoint["state"])
         rd.truncate_after(state.step)
-        client.usage = Usage.from_dict(state.usage) if state.usage else client.usage
+        client.usage = Usage.from_dict(_spent_usage(rd.read_summary(), state)) if state.usage else client.usage
         log(f"resuming {rd.path} after step {state.step}")
     else:
         rd = RunDir.create(runs_dir, spec.name, config_path=config, resolved=resolved, secrets=secrets)
@@ -173,6 +173,21 @@ def train_command(config: Path, *, runs_dir: Path, resume: Path | None, dry_run:
     sys.stdout.flush()
     if code:
         raise typer.Exit(code)
+
+
+def _spent_usage(summary: dict, state) -> dict:
+    """The usage a resumed run continues from. The checkpoint's is the last completed step's; a run
+    that ended cleanly after it (failed, interrupted, budget_exhausted) wrote a summary for the same
+    step whose usage also counts the calls of the step it did not finish. Those calls were made
+    (and paid for), so that usage is the one to continue from, for the summary and the budget."""
+    usage = summary.get("usage")
+    if summary.get("steps") != state.step or not isinstance(usage, dict):
+        return state.usage
+
+    def calls(u: dict) -> int:
+        return sum(int(r.get("calls", 0)) for r in u.values() if isinstance(r, dict))
+
+    return usage if calls(usage) >= calls(state.usage) else state.usage
 
 
 def _write_report(rd, secrets: list[str]) -> None:

@@ -311,11 +311,19 @@ class Trainer:
         if not targets:
             return "no parameter received feedback"
 
+        # A proposal with no value (unparseable, unchanged, ...) leaves the next request identical:
+        # a salt then makes it a new call instead of a cache hit of the same unusable reply.
+        unusable: dict[str, int] = {}
+
         async def next_proposal(attempt: int, failed_proposals: list[gdpo.FailedProposal]):
             changing = targets if self.cfg.propose == "joint" else [targets[(attempt - 1) % len(targets)]]
             proposals = await asyncio.gather(*(
-                self._propose(self._request(state, p, gradients, subset, evaluations, failed_proposals))
+                self._propose(self._request(state, p, gradients, subset, evaluations, failed_proposals),
+                              salt=f"again-{unusable[p]}" if unusable.get(p) else None)
                 for p in changing))
+            for p in proposals:
+                if p.value is None:
+                    unusable[p.param] = unusable.get(p.param, 0) + 1
             rows = [{"kind": "proposal", "step": step, "attempt": attempt, "param": p.param, "value": p.value,
                      "method": p.method, "reason": p.reason, "raw": p.raw} for p in proposals]
             new = {p.param: p.value for p in proposals if p.value is not None}
@@ -452,9 +460,9 @@ class Trainer:
             steps_since_improvement=state.steps_since_improvement,
             mode="autodiff" if self.strategy.gradients else "no_gradient", current=dict(state.values))
 
-    async def _propose(self, request: gdpo.ProposalRequest) -> gdpo.Proposal:
+    async def _propose(self, request: gdpo.ProposalRequest, salt: str | None = None) -> gdpo.Proposal:
         try:
-            return await gdpo.propose(self.client, self.optimizer_model, request)
+            return await gdpo.propose(self.client, self.optimizer_model, request, salt=salt)
         except ModelCallError as e:  # counted in usage; this attempt just has no proposal
             return gdpo.Proposal(request.param.name, None, f"optimizer call failed: {e.message}", None, "")
 

@@ -13,6 +13,7 @@ def isolated_env(tmp_path_factory, monkeypatch):
     root = tmp_path_factory.mktemp("env")
     monkeypatch.setenv("AUTODIFF_CACHE", str(root / "cache"))
     monkeypatch.setenv("AUTODIFF_DATA", str(root / "data"))
+    monkeypatch.delenv("AUTODIFF_CACHE_URL", raising=False)  # a shared Redis cache is opted into per test
     return root
 
 

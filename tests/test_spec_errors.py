@@ -253,10 +253,78 @@ def test_literal_api_key_hidden_in_extra(project):
     assert secret not in r.stdout + r.stderr
 
 
-def test_several_deployments_are_not_implemented_yet(project):
+HTTP_MODEL = "  task: {model: fake/script.yaml, temperature: 0}"
+
+
+def deployments(*items: str) -> str:
+    """BASE with an HTTP model whose api_base is the block list of `items` (one per line)."""
+    listed = "".join(f"\n      - {item}" for item in items) if items else " []"
+    return edit(BASE, HTTP_MODEL, "  task:\n    model: openai/served\n    api_base:" + listed)
+
+
+def test_several_deployments_are_accepted(project):
+    text = deployments("http://127.0.0.1:8000/v1", "{url: 'http://gpu2:8000/v1', concurrency: 2, rpm: 60, tpm: 9000}")
+    r, _ = validate(project, text)
+    assert r.code == 0, r.stderr
+
+
+def test_empty_deployment_list(project):
+    text = deployments()
+    r, spec = validate(project, text)
+    assert_refused(r, f"{spec}:{line_of(text, 'api_base')}", "models.task.api_base", "at least one deployment",
+                   "an empty list")
+
+
+@pytest.mark.parametrize("item, key, fragment", [
+    ("ftp://127.0.0.1/v1", "models.task.api_base.1", "'ftp://127.0.0.1/v1'"),
+    ("localhost:8000", "models.task.api_base.1", "'localhost:8000'"),
+    ("{url: 'gpu2:8000'}", "models.task.api_base.1.url", "'gpu2:8000'"),
+])
+def test_deployment_url_must_be_http(project, item, key, fragment):
+    text = deployments("http://127.0.0.1:8000/v1", item)
+    r, spec = validate(project, text)
+    assert_refused(r, f"{spec}:{line_of(text, item)}", key, "http:// or https:// URL", fragment)
+
+
+def test_duplicate_deployment(project):
+    text = deployments("http://gpu1:8000/v1", "http://gpu2:8000/v1", "{url: 'http://GPU1:8000/v1/'}")
+    r, spec = validate(project, text)
+    assert_refused(r, f"{spec}:{line_of(text, 'GPU1')}", "models.task.api_base.2.url", "each deployment URL once",
+                   "a duplicate of item 0")
+
+
+def test_deployment_limits_and_keys_are_checked(project):
+    text = deployments("http://gpu1:8000/v1", "{url: 'http://gpu2:8000/v1', concurrency: 0}")
+    r, spec = validate(project, text)
+    assert_refused(r, f"{spec}:{line_of(text, 'gpu2')}", "models.task.api_base.1.concurrency", "a whole number", "got 0")
+    text = deployments("{url: 'http://gpu1:8000/v1', rmp: 5}")
+    r, spec = validate(project, text)
+    assert_refused(r, f"{spec}:{line_of(text, 'gpu1')}", "models.task.api_base.0.rmp", "url, concurrency, rpm, tpm",
+                   "unknown key `rmp`")
+
+
+def test_deployment_secrets_are_refused_and_never_echoed(project):
+    secret = "sk-live-deploy-123456"
+    text = deployments(f"{{url: 'http://gpu1:8000/v1', api_key: {secret}}}")
+    r, spec = validate(project, text)
+    assert_refused(r, f"{spec}:{line_of(text, 'gpu1')}", "models.task.api_base.0.api_key", "literal API key")
+    assert secret not in r.stdout + r.stderr
+    text = deployments(f"http://user:{secret}@gpu1:8000/v1")
+    r, spec = validate(project, text)
+    assert_refused(r, f"{spec}:{line_of(text, 'gpu1')}", "models.task.api_base.0", "credentials")
+    assert secret not in r.stdout + r.stderr
+
+
+def test_deployment_list_needs_an_http_provider(project):
     text = edit(BASE, "temperature: 0}", "temperature: 0,\n         api_base: [http://127.0.0.1:1/v1, http://127.0.0.1:2/v1]}")
     r, spec = validate(project, text)
-    assert_refused(r, f"{spec}:{line_of(text, 'api_base')}", "models.task.api_base", "not implemented yet")
+    assert_refused(r, f"{spec}:{line_of(text, 'api_base')}", "models.task.api_base", "`local/` or `fake/`")
+
+
+def test_deployment_list_errors_through_set(project):
+    r, _ = validate(project, BASE, "models.task.model=openai/served", "models.task.api_base=[http://a/v1, http://a/v1]")
+    assert_refused(r, "--set models.task.api_base=[http://a/v1, http://a/v1]", "models.task.api_base.1",
+                   "each deployment URL once")
 
 
 def test_demo_schedule_needs_a_demos_param(project):

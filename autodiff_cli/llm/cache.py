@@ -1,8 +1,14 @@
-"""The model-call cache: a thin layer on diskcache.
+"""The model-call cache: a thin layer on diskcache, or on Redis to share it between machines.
 
 Keys are the sha256 of a canonical JSON payload that the client builds from everything that
 changes a reply (provider, model identity, messages, generation params, response format) and
 never from secrets. Only successful, non-empty replies are stored.
+
+`open_cache()` picks the backend: `$AUTODIFF_CACHE_URL` (redis://, rediss:// or unix://) selects
+`RedisCallCache` (the optional `redis` package, `pip install "autodiff-cli[redis]"`), so CI runners
+share their calls; otherwise `CallCache` on disk under `$AUTODIFF_CACHE/calls`. Both have the same
+get/put/stats/clear; in Redis every entry is `autodiff:calls:<sha256>` = the reply as JSON, and
+`clear` deletes those keys only.
 """
 from __future__ import annotations
 
@@ -11,8 +17,13 @@ import json
 import os
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlsplit, urlunsplit
+
+from autodiff_cli.errors import UsageError
 
 SIZE_LIMIT = 2 * 1024**3
+CACHE_URL_ENV = "AUTODIFF_CACHE_URL"
+REDIS_PREFIX = "autodiff:calls:"
 
 
 def cache_root(environ: Mapping[str, str] = os.environ) -> Path:
@@ -94,6 +105,130 @@ class CallCache:
             os.chmod(self.directory, 0o700)
             self._cache = diskcache.Cache(str(self.directory), size_limit=self.size_limit)
         return self._cache
+
+
+def open_cache(environ: Mapping[str, str] = os.environ) -> "CallCache | RedisCallCache":
+    """The call cache the environment selects: Redis at `$AUTODIFF_CACHE_URL` (checked now: a missing
+    package or an unreachable server is a UsageError, exit 2), else the disk cache."""
+    url = (environ.get(CACHE_URL_ENV) or "").strip()
+    if not url:
+        return CallCache(environ=environ)
+    cache = RedisCallCache(url)
+    cache.ping()
+    return cache
+
+
+class RedisCallCache:
+    """The call cache in Redis: `<prefix><sha256 key>` -> the reply as JSON (no expiry: bound the server's
+    memory with its own `maxmemory` and an LRU policy)."""
+
+    def __init__(self, url: str, *, prefix: str = REDIS_PREFIX, retries: int = 3) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.shown_url = redact_url(url)
+        try:
+            import redis
+            from redis.backoff import ExponentialBackoff
+            from redis.retry import Retry
+        except ImportError:
+            raise UsageError(f"{CACHE_URL_ENV} is set ({self.shown_url}) but the `redis` package is not installed",
+                             hint='Install it with `pip install "autodiff-cli[redis]"`, or unset '
+                                  f"{CACHE_URL_ENV} to use the cache on disk.") from None
+        self._errors = (redis.RedisError, OSError)
+        try:
+            self._client = redis.Redis.from_url(
+                url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30,
+                retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries))
+        except ValueError:  # not a Redis URL
+            raise UsageError(key=CACHE_URL_ENV, expected="a redis://, rediss:// or unix:// URL, e.g. "
+                             "redis://127.0.0.1:6379/0", got=self.shown_url) from None
+
+    key = staticmethod(CallCache.key)
+
+    def ping(self) -> None:
+        self._do(self._client.ping)
+
+    def get(self, key: str) -> dict | None:
+        raw = self._do(self._client.get, self.prefix + key)
+        if raw is None:
+            return None
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            return None  # not ours, or damaged: a miss
+        return value if storable(value) else None
+
+    def put(self, key: str, value: dict) -> bool:
+        """Store a reply; refuses (returns False) errors and empty replies."""
+        if not storable(value):
+            return False
+        self._do(self._client.set, self.prefix + key, canonical_json(value).encode("utf-8"))
+        return True
+
+    def stats(self) -> dict[str, Any]:
+        entries = size = 0
+        for batch in self._batches():
+            entries += len(batch)
+            pipe = self._client.pipeline(transaction=False)
+            for k in batch:
+                pipe.strlen(k)
+            size += sum(self._do(pipe.execute))
+        return {"url": self.shown_url, "prefix": self.prefix, "entries": entries, "size_bytes": size}
+
+    def clear(self) -> int:
+        """Remove this cache's entries (keys under the prefix, nothing else); returns how many."""
+        removed = 0
+        for batch in self._batches():
+            removed += self._do(self._client.unlink, *batch)
+        return removed
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _batches(self, count: int = 500):
+        """The keys under the prefix, a SCAN page at a time."""
+        cursor, match = 0, _glob_escape(self.prefix) + "*"
+        while True:
+            cursor, keys = self._do(self._client.scan, cursor, match, count)
+            if keys:
+                yield keys
+            if int(cursor) == 0:
+                return
+
+    def _do(self, fn, *args):
+        try:
+            return fn(*args)
+        except self._errors as e:
+            detail = scrub_url_secret(f"{type(e).__name__}: {e}", self.url)
+            raise UsageError(f"the call cache at {self.shown_url} ({CACHE_URL_ENV}) cannot be used: {detail}",
+                             hint=f"Start the Redis server or fix {CACHE_URL_ENV}; unset it to use the cache on "
+                                  "disk, or pass --no-cache.") from None
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password (redis://user:***@host:6379/0)."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        user = parts.username or ""
+        host = parts.hostname or ""
+        netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:
+        return "(a URL that cannot be parsed; not shown)"
+
+
+def scrub_url_secret(text: str, url: str) -> str:
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return text
+    return text.replace(password, "***") if password else text
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def storable(value: Any) -> bool:

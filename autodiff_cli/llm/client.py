@@ -18,6 +18,7 @@ from typing import Callable, TYPE_CHECKING, Any, Mapping
 
 from autodiff_cli.errors import AutodiffError, ModelCallError, SpecError
 from autodiff_cli.llm import fake, local
+from autodiff_cli.llm.deployments import COOLDOWN_SECONDS, DeploymentPool
 from autodiff_cli.llm.ratelimit import RateLimiter, estimate_tokens
 from autodiff_cli.llm.cache import CallCache
 from autodiff_cli.llm.usage import Usage
@@ -84,11 +85,14 @@ class ModelClient:
         self._semaphores: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Semaphore]] = {}
         self.before_call: Callable[[str], None] | None = None
         self._limiters: dict[str, RateLimiter] = {}
+        self._pools: dict[tuple, DeploymentPool] = {}  # deployments -> pool, shared by configs that list them
+        self._pool_of: dict[str, DeploymentPool | None] = {}  # config name -> its pool (None: one endpoint)
 
     def add_model(self, name: str, cfg: "ModelConfig") -> None:
         """Register a config the spec does not name (e.g. the default teacher: task at another temperature)."""
         self.models[name] = cfg
         self._targets.pop(name, None)
+        self._pool_of.pop(name, None)
 
     # --- checks --------------------------------------------------------------------------------
 
@@ -107,8 +111,6 @@ class ModelClient:
         if cfg is None:
             known = ", ".join(sorted(self.models)) or "none"
             raise SpecError(f"no model config named `{name}` (known: {known})", key=f"models.{name}")
-        if isinstance(cfg.api_base, list):
-            raise SpecError("several deployments are not supported yet", key=f"models.{name}.api_base")
         provider, _, rest = cfg.model.partition("/")
         try:
             if provider == "local":
@@ -169,12 +171,15 @@ class ModelClient:
     async def _call_with_retries(self, target: Target, messages, response_format, api_key, role) -> Completion:
         max_attempts = 1 + target.cfg.max_retries
         attempt = 0
+        pool = self._pool(target)
+        tried: set[str] = set()  # deployments this call has tried (several deployments only)
+        pooled = {"tried": tried} if pool is not None else {}
         while True:
             attempt += 1
             if self.before_call is not None:
                 self.before_call(role)  # e.g. the training budget: raises to stop before spending
             try:
-                response = await self._attempt(target, messages, response_format, api_key)
+                response = await self._attempt(target, messages, response_format, api_key, **pooled)
             except Exception as e:  # noqa: BLE001 - every provider error is classified below
                 self.usage.record(role, calls=1, errors=1)
                 error: Exception = e
@@ -189,9 +194,13 @@ class ModelClient:
                 error = EmptyReply("empty reply")
             if attempt >= max_attempts or not is_retryable(error):
                 raise self._failure(target, role, attempt, error, api_key)
+            if pool is not None:
+                if pool.untried(tried):
+                    continue  # another deployment takes the next attempt at once
+                tried.clear()  # every deployment failed this call: back off, then any may serve it
             await asyncio.sleep(self._delay(attempt, error))
 
-    async def _attempt(self, target: Target, messages, response_format, api_key):
+    async def _attempt(self, target: Target, messages, response_format, api_key, tried: set[str] | None = None):
         from autodiff_cli.llm.providers import load_litellm
 
         litellm = load_litellm()
@@ -201,11 +210,14 @@ class ModelClient:
                       timeout=cfg.timeout, drop_params=True)
         if response_format is not None:
             kwargs["response_format"] = response_format
-        if cfg.api_base and target.provider not in ("local", "fake"):
+        pool = self._pool(target)
+        if cfg.api_base and target.provider not in ("local", "fake") and pool is None:
             kwargs["api_base"] = cfg.api_base
         if api_key:
             kwargs["api_key"] = api_key
         async with self._semaphore(target):
+            if pool is not None:
+                return await self._pool_attempt(pool, litellm, kwargs, messages, tried)
             limiter = self._limiter(target)
             grant = await limiter.acquire(estimate_tokens(messages, cfg.max_tokens)) if limiter else None
             try:
@@ -219,6 +231,41 @@ class ModelClient:
                 RateLimiter.settle(grant, used or grant.tokens)
             return response
 
+    async def _pool_attempt(self, pool: DeploymentPool, litellm, kwargs: dict, messages, tried: set[str] | None):
+        """One attempt on one of several deployments: the pool admits it (the deployment's concurrency and
+        rpm/tpm), the deployment's URL is the api_base, and a failure sets the deployment aside for a while."""
+        timeout = kwargs["timeout"]
+        lease = await pool.acquire(estimate_tokens(messages, kwargs.get("max_tokens")), tried or frozenset())
+        if tried is not None:
+            tried.add(lease.deployment.id)
+        try:
+            response = await asyncio.wait_for(litellm.acompletion(**kwargs, api_base=lease.url), timeout=timeout)
+        except BaseException as e:
+            pool.release(lease, ok=False, cool_for=cooldown_seconds(e))
+            if isinstance(e, TimeoutError):
+                raise TimeoutError(f"no reply within {timeout:g} s") from None
+            raise
+        usage = getattr(response, "usage", None)
+        pool.release(lease, ok=True, tokens_used=int(getattr(usage, "total_tokens", 0) or 0))
+        return response
+
+    def _pool(self, target: Target) -> DeploymentPool | None:
+        """The deployments of a config whose api_base is a list (None for a single endpoint)."""
+        if target.name not in self._pool_of:
+            deployments = target.cfg.deployments() if target.provider not in ("local", "fake") else None
+            pool = None
+            if deployments:
+                key = (target.litellm_model, tuple((d.url, d.concurrency, d.rpm, d.tpm) for d in deployments))
+                pool = self._pools.get(key)
+                if pool is None:
+                    pool = self._pools[key] = DeploymentPool(target.litellm_model, deployments, rng=self._rng)
+            self._pool_of[target.name] = pool
+        return self._pool_of[target.name]
+
+    def deployment_stats(self) -> dict[str, list[dict]]:
+        """Per config with several deployments: each deployment's attempts answered and failed, calls in flight."""
+        return {name: pool.stats() for name, pool in self._pool_of.items() if pool is not None}
+
     def _read(self, target: Target, response) -> tuple[str, int, int, float]:
         choices = getattr(response, "choices", None) or []
         text = (getattr(choices[0].message, "content", None) if choices else None) or ""
@@ -230,6 +277,11 @@ class ModelClient:
     def _cost(self, target: Target, response) -> float:
         if target.provider in ("local", "fake"):
             return 0.0
+        # litellm prices every reply once already (None: a model it has no price for); pricing it
+        # again cost ~5% of the client's CPU per call (benchmarks/RESULTS.md, the load figure)
+        hidden = getattr(response, "_hidden_params", None)
+        if isinstance(hidden, dict) and "response_cost" in hidden:
+            return float(hidden["response_cost"] or 0.0)
         from autodiff_cli.llm.providers import load_litellm
 
         try:
@@ -256,6 +308,8 @@ class ModelClient:
             return {"gguf_sha256": digest, "n_ctx": local.N_CTX}
         if target.provider == "fake":
             return {"script_sha256": fake.script_identity(target.path)}
+        if isinstance(target.cfg.api_base, list):  # the same model whichever deployment serves the call
+            return {"model": target.cfg.model, "deployments": True}
         return {"model": target.cfg.model, "api_base": target.cfg.api_base}
 
     def _limiter(self, target: Target) -> RateLimiter | None:
@@ -271,7 +325,7 @@ class ModelClient:
         loop = asyncio.get_running_loop()
         held = self._semaphores.get(target.name)
         if held is None or held[0] is not loop:  # semaphores belong to one event loop
-            held = (loop, asyncio.Semaphore(self.concurrency or target.cfg.concurrency))
+            held = (loop, asyncio.Semaphore(self.concurrency or target.cfg.capacity()))
             self._semaphores[target.name] = held
         return held[1]
 
@@ -315,6 +369,14 @@ def is_retryable(error: Exception) -> bool:
         return True
     status = getattr(error, "status_code", None)
     return isinstance(status, int) and (status in (408, 409, 429) or status >= 500)
+
+
+def cooldown_seconds(error: BaseException) -> float | None:
+    """How long a deployment that raised `error` is set aside: None when the error says nothing about the
+    deployment's health (a bad request, a cancelled call), else a few seconds or a 429's Retry-After."""
+    if not isinstance(error, Exception) or not is_retryable(error):
+        return None
+    return max(COOLDOWN_SECONDS, retry_after_seconds(error) or 0.0)
 
 
 def retry_after_seconds(error: Exception) -> float | None:

@@ -33,8 +33,10 @@ Scripted errors become HTTP: 429 (with `Retry-After: <retry_after>` when the rul
 until the client gives up and closes the connection, or the server stops), `connection` = the
 connection is reset (TCP RST). Server-level faults (`faults=[...]`, `--fault JSON`) are checked
 before the script and add kinds a script cannot express: `empty_body` (a 200 with a 0-byte
-body), `truncated` (a 200 whose JSON body is cut in half). A fault is a mapping: `kind`
-(the script's kinds, `reset` = `connection`, `empty_body`, `truncated`), optional `match`
+body), `truncated` (a 200 whose JSON body is cut in half), `malformed` (a well-formed 200 whose
+content is a JSON object cut off mid-string, as a reply stopped by max_tokens: not the JSON an
+optimizer or backward meta-prompt asks for). A fault is a mapping: `kind` (the script's kinds,
+`reset` = `connection`, `empty_body`, `truncated`, `malformed`), optional `match`
 (regex, searched in the last user message or, with `in: system|all`, elsewhere), and either
 `times` (the first N requests with the same messages fail, then the script answers), `rate`
 (each request fails with this probability, seeded as the jitter) or neither (always);
@@ -43,6 +45,7 @@ body), `truncated` (a 200 whose JSON body is cut in half). A fault is a mapping:
 Usage is exact and the fake provider's: prompt tokens = whitespace-separated words of all
 message contents, completion tokens = words of the reply. `GET /stats` returns the counters:
 `requests` (chat requests received), `replies` (200 answers with content), `errors` by kind,
+`faults` (server-level faults fired, by kind; `malformed` is only counted here: it is a reply),
 `in_flight`, `max_in_flight` (chat requests between their arrival and their answer), `prompt_tokens`,
 `completion_tokens`, `connections`; `POST /reset` zeroes them (and the script's `fail_times` /
 `replies` counters). Only the standard library is used.
@@ -69,7 +72,9 @@ from autodiff_cli.llm import fake
 
 HOST = "127.0.0.1"
 FAULT_KINDS = ("429", "500", "503", "400", "auth", "context_length", "timeout", "connection", "reset", "empty",
-               "empty_body", "truncated")
+               "empty_body", "truncated", "malformed")
+# the content of a `malformed` reply: a proposal cut off inside its JSON string
+MALFORMED_TEXT = '{"reasoning": "The feedback asks for a change.", "method": "rephrase", "new_value": "Count the'
 MAX_HEADER_BYTES = 64 * 1024
 REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
            429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}
@@ -233,13 +238,14 @@ class FakeServer:
 
     def _reset_counters(self) -> None:
         with self._lock:
-            self._stats = {"requests": 0, "replies": 0, "errors": {}, "in_flight": 0, "max_in_flight": 0,
+            self._stats = {"requests": 0, "replies": 0, "errors": {}, "faults": {}, "in_flight": 0, "max_in_flight": 0,
                            "prompt_tokens": 0, "completion_tokens": 0, "connections": 0}
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
             out = dict(self._stats)
             out["errors"] = dict(self._stats["errors"])
+            out["faults"] = dict(self._stats["faults"])
         return out
 
     def reset(self) -> None:
@@ -434,6 +440,11 @@ class FakeServer:
         text = None
         for index, f in enumerate(self.faults):
             if self._fault_fires(index, f, messages, digest, nth):
+                with self._lock:
+                    self._stats["faults"][f.kind] = self._stats["faults"].get(f.kind, 0) + 1
+                if f.kind == "malformed":
+                    text = MALFORMED_TEXT  # a reply like any other (usage counted), just not the JSON asked for
+                    break
                 if f.kind != "empty":
                     return self._error_answer(f.kind, f.retry_after), delay
                 text = ""  # a well-formed reply with no text, usage counted as for any reply

@@ -50,6 +50,20 @@ class RateLimiter:
                 waits.append(grant.at + WINDOW - now)
         return max(waits)
 
+    def wait_needed(self, tokens: int) -> float:
+        """Seconds until a request of `tokens` would fit (0 if it fits now); nothing is taken."""
+        return self._wait_needed(self.clock(), tokens)
+
+    def try_acquire(self, tokens: int) -> Grant | None:
+        """Take room for a request now if the window has it (no waiting; for callers that choose between
+        several limiters, like a pool of deployments), else None."""
+        now = self.clock()
+        if self._wait_needed(now, tokens) > 0:
+            return None
+        grant = Grant(now, tokens)
+        self.window.append(grant)
+        return grant
+
     async def acquire(self, tokens: int) -> Grant:
         if self._lock is None:
             self._lock = asyncio.Lock()

@@ -372,17 +372,19 @@ def _same(a: str, b: str) -> bool:
     return " ".join(a.split()) == " ".join(b.split())
 
 
-async def propose(client, model_name: str, request: ProposalRequest) -> Proposal:
+async def propose(client, model_name: str, request: ProposalRequest, *, salt: str | None = None) -> Proposal:
     """Ask the optimizer model for a new value of `request.param`.
 
     Returns a Proposal whose value is None (with the reason) when the reply is unparseable or
     empty, leaves the value unchanged, copies the optimizer's instructions, or repeats a failed
     proposal of this step. A model call that fails after retries raises ModelCallError: that is
-    the caller's to count, never a proposal.
+    the caller's to count, never a proposal. `salt` joins the cache key (asking again after an
+    unusable reply to the same request).
     """
     name = request.param.name
     messages = render_optimizer_messages(request)
-    completion = await client.complete(model_name, messages, role="optimizer", json_schema=PROPOSAL_SCHEMA)
+    extra = {} if salt is None else {"salt": salt}
+    completion = await client.complete(model_name, messages, role="optimizer", json_schema=PROPOSAL_SCHEMA, **extra)
     raw = completion.text
     value, method, reason = parse_proposal(raw)
     if value is None:

@@ -326,6 +326,8 @@ def _error_key(err: dict, raw: Any) -> KeyPath:
     if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
         return key + ("kind",)  # point at the `kind:` line, not the node's
     sub = (err.get("ctx") or {}).get("key") if err["type"] == "spec_value" else None
+    if isinstance(sub, tuple):  # a path below the validated value, e.g. (1, "url") in an api_base list
+        return key + sub
     return key + (sub,) if sub else key
 
 

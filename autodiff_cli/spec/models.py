@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from ..errors import describe as describe_value
+
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 
@@ -33,6 +35,61 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+class Deployment(Strict):
+    """One deployment of a model served at several URLs (an item of a `models.<m>.api_base` list).
+    A limit left out is the model config's own (`concurrency`, `rpm`, `tpm`)."""
+
+    url: str = Field(description="http(s) endpoint of this deployment, e.g. http://gpu1:8000/v1")
+    concurrency: int | None = Field(None, ge=1, le=1024, description="calls in flight on this deployment")
+    rpm: int | None = Field(None, ge=1, description="requests per minute on this deployment")
+    tpm: int | None = Field(None, ge=1, description="tokens per minute on this deployment")
+
+
+DEPLOYMENT_KEYS = tuple(Deployment.model_fields)
+URL_PATTERN = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[^\s/:?#\[\]@]+)(:\d{1,5})?(/\S*)?", re.IGNORECASE)
+DEPLOYMENT_LIMITS = {"concurrency": 1024, "rpm": None, "tpm": None}  # limit key -> largest value allowed
+
+
+def _deployment_problem(items: list) -> tuple[str, str, tuple] | None:
+    """(expected, got, key below `api_base`) of the first mistake in a list of deployments, or None.
+    Shapes and values are checked here so that every error names the item (and key) at fault."""
+    if not items:
+        return "at least one deployment (a URL, or a mapping with `url`)", "an empty list", ()
+    seen: dict[str, int] = {}
+    for i, item in enumerate(items):
+        key: tuple = (i,)
+        if isinstance(item, dict):
+            unknown = [k for k in item if k not in DEPLOYMENT_KEYS]
+            secret = [k for k in unknown if k in SECRET_KEYS]
+            if secret:  # never echo the value
+                return ("`api_key_env: NAME` on the model config, the environment variable holding the key",
+                        f"a literal API key in `{secret[0]}` (secrets never go in a spec)", (i, secret[0]))
+            if unknown:
+                return f"a known key ({', '.join(DEPLOYMENT_KEYS)})", f"unknown key `{unknown[0]}`", (i, unknown[0])
+            for limit, top in DEPLOYMENT_LIMITS.items():
+                value = item.get(limit)
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1
+                                          or (top is not None and value > top)):
+                    bound = f"between 1 and {top}" if top else "of at least 1"
+                    return f"a whole number {bound}", repr(value), (i, limit)
+            if "url" not in item:
+                return "a `url` for this deployment", "none", (i,)
+            url, key = item["url"], (i, "url")
+        elif isinstance(item, str):
+            url = item
+        else:
+            return "a URL or a mapping {url, concurrency, rpm, tpm}", describe_value(item), key
+        if not isinstance(url, str) or not URL_PATTERN.fullmatch(url):
+            if isinstance(url, str) and "@" in url:  # never echo it: user:password@host
+                return "an http:// or https:// URL", "a URL with credentials (not shown; keys go in api_key_env)", key
+            return "an http:// or https:// URL", describe_value(url), key
+        norm = url.rstrip("/").lower()
+        if norm in seen:
+            return "each deployment URL once", f"a duplicate of item {seen[norm]} ({url})", key
+        seen[norm] = i
+    return None
+
+
 class ModelConfig(Strict):
     """One named model configuration (`models.<name>`)."""
 
@@ -43,7 +100,9 @@ class ModelConfig(Strict):
     seed: int | None = None
     stop: list[str] | None = None
     extra: dict[str, Any] = Field(default_factory=dict, description="further generation parameters passed to litellm as given")
-    api_base: str | list[str] | None = Field(None, description="endpoint URL; a list means several deployments behind litellm's Router")
+    api_base: str | list[str | Deployment] | None = Field(
+        None, description="endpoint URL; a list means several deployments of this model behind litellm's Router, "
+                          "each a URL or {url, concurrency, rpm, tpm}")
     api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="NAME of the environment variable holding the API key")
     concurrency: int = Field(8, ge=1, le=1024)
     rpm: int | None = Field(None, ge=1, description="requests per minute limit")
@@ -64,6 +123,23 @@ class ModelConfig(Strict):
                             f"a literal API key in `{key}` (secrets never go in a spec)", where + key)
         return data
 
+    @field_validator("api_base", mode="before")
+    @classmethod
+    def _deployments_are_sound(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            problem = _deployment_problem(value)
+            if problem is not None:
+                expected, got, key = problem
+                raise spec_value_error(expected, got, key)
+        return value
+
+    @model_validator(mode="after")
+    def _deployments_need_http(self) -> "ModelConfig":
+        if isinstance(self.api_base, list) and self.model.partition("/")[0] in ("local", "fake"):
+            raise spec_value_error("a single api_base (or none) for a `local/` or `fake/` model, which is not served "
+                                   "over HTTP", "a list of deployments", "api_base")
+        return self
+
     @field_validator("api_key_env", mode="before")
     @classmethod
     def _env_name_not_a_key(cls, value: Any) -> Any:
@@ -71,6 +147,24 @@ class ModelConfig(Strict):
             raise spec_value_error("the NAME of an environment variable (letters, digits and _), e.g. OPENAI_API_KEY",
                                    "something else (not shown: it may be the key itself)")
         return value
+
+    def deployments(self) -> list[Deployment] | None:
+        """The deployments of a listed `api_base`, each with its limits filled in from this config; None for a
+        single URL (or none)."""
+        if not isinstance(self.api_base, list):
+            return None
+        out = []
+        for item in self.api_base:
+            d = Deployment(url=item) if isinstance(item, str) else item
+            out.append(Deployment(url=d.url, concurrency=d.concurrency or self.concurrency,
+                                  rpm=d.rpm if d.rpm is not None else self.rpm,
+                                  tpm=d.tpm if d.tpm is not None else self.tpm))
+        return out
+
+    def capacity(self) -> int:
+        """Calls this config can have in flight: `concurrency`, or the deployments' together."""
+        deployments = self.deployments()
+        return self.concurrency if deployments is None else sum(d.concurrency for d in deployments)
 
     def generation_params(self) -> dict[str, Any]:
         """Parameters that change the reply (and so belong in the cache key)."""
@@ -227,8 +321,4 @@ class Spec(Strict):
 
 def unbuilt_keys(spec: Spec) -> list[tuple[tuple, str]]:
     """Keys of the format whose behaviour is not built yet: (key path, what arrives later)."""
-    found: list[tuple[tuple, str]] = []
-    for name, m in spec.models.items():
-        if isinstance(m.api_base, list):
-            found.append((("models", name, "api_base"), "several deployments (Router)"))
-    return found
+    return []  # every key of the format is built
