@@ -35,6 +35,7 @@ from .optim import demos, gdpo
 from .trace import Trace
 
 log = logging.getLogger("autodiff.train")
+OPTIMIZER_CALL_FAILED = "optimizer call failed"  # a proposal's reason when its call failed after retries
 
 
 @dataclass(frozen=True)
@@ -273,10 +274,14 @@ class Trainer:
             return self._finish_row(state, row, usage_before, started), trace_rows
 
         failed_proposals: list[gdpo.FailedProposal] = []
+        optimizer_calls, optimizer_errors = 0, []
         for attempt in range(1, source.max_proposals + 1):
             self.on_phase("propose", {"step": step, "proposal": attempt, "kind": kind})
             new, demo_ids, rows, why_none = await source.next(attempt, failed_proposals)
             trace_rows += rows
+            asked = [r for r in rows if r.get("kind") == "proposal"]
+            optimizer_calls += len(asked)
+            optimizer_errors += [r["reason"] for r in asked if r["reason"].startswith(OPTIMIZER_CALL_FAILED)]
             if new and not source.validate:
                 record = await self._take(state, step, new)
             elif new:
@@ -295,6 +300,7 @@ class Trainer:
             if new:
                 failed_proposals.append(gdpo.FailedProposal(new, record["subset_score"], record["val_score"],
                                                             record["reason"]))
+        self._check_call_errors("optimizer", optimizer_errors, optimizer_calls)
         return self._finish_row(state, row, usage_before, started), trace_rows
 
     async def _text_source(self, state: TrainState, step: int, failed: list[PoolEntry], subset: list[PoolEntry],
@@ -427,10 +433,18 @@ class Trainer:
             if self.program.loss.feedback == "llm":
                 ev = await llm_evaluation(self.client, self.backward_model, self.program, entry.trace, ev,
                                           entry.example.fields)
-            return (await self.backward_engine.backward(entry.trace, ev)).gradients
+            return await self.backward_engine.backward(entry.trace, ev)
 
         results = await asyncio.gather(*(one(e) for e in failed))
-        return canonical([g for gs in results for g in gs])
+        self._check_call_errors("backward", [m for r in results for m in r.call_errors], sum(r.calls for r in results))
+        return canonical([g for r in results for g in r.gradients])
+
+    def _check_call_errors(self, role: str, errors: list[str], calls: int) -> None:
+        """Stop the run (status failed) when too many of a step's backward or optimizer calls failed
+        after their retries: a step without its gradients or proposals is not a step."""
+        if errors and len(errors) / max(calls, 1) > self.cfg.max_error_rate:
+            raise ErrorRateExceeded(f"{len(errors)} of {calls} {role} calls failed after retries "
+                                    f"(max_error_rate {self.cfg.max_error_rate}); first: {errors[0]}")
 
     def _params_to_change(self, gradients: list[Gradient], failed: list[PoolEntry]) -> list[str]:
         order = list(self.program.params)
@@ -464,7 +478,7 @@ class Trainer:
         try:
             return await gdpo.propose(self.client, self.optimizer_model, request, salt=salt)
         except ModelCallError as e:  # counted in usage; this attempt just has no proposal
-            return gdpo.Proposal(request.param.name, None, f"optimizer call failed: {e.message}", None, "")
+            return gdpo.Proposal(request.param.name, None, f"{OPTIMIZER_CALL_FAILED}: {e.message}", None, "")
 
     async def _subset_score(self, subset: list[PoolEntry], values: dict[str, str]) -> float | None:
         report = await evaluate(self.program, [e.example for e in subset], values, self.client)

@@ -29,7 +29,9 @@ succeeds; `permanent` = it always fails. Targets:
   kept (metrics, checkpoint, prompts), then `--resume` against a recovered server reaches the
   fault-free run's result.
 - train (optimizer only), permanent: every optimizer request. Expected: each proposal is
-  recorded as rejected ("optimizer call failed: ..."), the run completes with the initial prompts.
+  recorded as rejected ("optimizer call failed: ..."), and as every optimizer call of step 1
+  failed (above `max_error_rate`) the run stops: exit 3, status `failed` with a reason naming
+  the fault, the initial prompts kept.
   Malformed optimizer JSON is tried transient (proposal 1 rejected as unparseable, proposal 2
   re-asks and is accepted: the fault-free result) and permanent (every proposal rejected with
   the reason, initial prompts kept, no crash).
@@ -483,14 +485,15 @@ def _train_case(case: Case, ref: Reference, folder: Path, out: Outcome) -> None:
             out.wrong.append("no fault was injected")
         return
 
-    if target == "optimizer":  # every optimizer call fails: each proposal is recorded as rejected
-        if res.code != 0 or summary["status"] != "completed":
-            out.wrong.append(f"exit {res.code}, status {summary['status']}: {summary['reason']}")
-        if not proposals or not all(p["reason"].startswith("no usable proposal: optimizer call failed") and
-                                    not p["accepted"] for p in proposals):
-            out.wrong.append(f"proposals not all recorded as failed optimizer calls: {[p['reason'] for p in proposals]}")
-        for p in proposals:
-            check_detail(case, p["reason"], out, "a proposal's reason")
+    if target == "optimizer":  # every optimizer call fails: the run stops failed at step 1, nothing accepted
+        reason = summary.get("reason") or ""
+        if res.code != 3 or summary["status"] != "failed":
+            out.wrong.append(f"exit {res.code}, status {summary['status']}, expected 3 and failed: {reason}")
+        if "optimizer calls failed after retries" not in reason or "max_error_rate" not in reason:
+            out.wrong.append(f"reason does not explain the failure: {reason!r}")
+        if metrics or summary["steps"] != 0:  # step 1 never completed: nothing of it may be recorded
+            out.wrong.append(f"{len(metrics)} step(s) recorded, summary steps {summary['steps']}; expected none")
+        check_detail(case, reason, out, "summary.json reason")
         if {f[0] for f in res.failures} != {"optimizer"}:
             out.wrong.append(f"calls given up in roles {sorted({f[0] for f in res.failures})}")
         check_attempts(case, res.failures, out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -289,3 +290,21 @@ def test_too_many_call_errors_fail_the_run_and_keep_completed_steps(tmp_path):
     metrics = [json.loads(x) for x in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
     assert summary["steps"] == len(metrics)  # every completed step is kept, the failed one is not
     assert json.loads((run / "checkpoint.json").read_text())["state"]["step"] == summary["steps"]
+
+
+def test_backward_calls_that_keep_failing_fail_the_run(tmp_path):
+    # a step without its gradients is not a step: backward calls failed after retries above
+    # max_error_rate stop the run (status failed), like failed training examples do
+    setup(tmp_path, spec=SPEC.replace("backward: {model: fake/script.yaml}",
+                                      "backward: {model: fake/script.yaml, max_retries: 1}"))
+    script = (tmp_path / "script.yaml").read_text().replace(
+        "rules:\n", "rules:\n  - match: 'backward engine'\n    in: system\n    error: 503\n", 1)
+    (tmp_path / "script.yaml").write_text(script)
+    result, run = train(tmp_path, "--no-cache")
+    assert result.exit_code == 3, result.output
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["steps"] == 0
+    assert re.search(r"\d+ of \d+ backward calls failed after retries \(max_error_rate 0\.1\); first: .*503",
+                     summary["reason"]), summary["reason"]
+    assert summary["usage"]["optimizer"]["calls"] == 0  # no proposal from a step without gradients
+    assert "backward calls failed" in result.output

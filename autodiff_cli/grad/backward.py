@@ -16,7 +16,7 @@ import asyncio
 import json
 import logging
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .. import metaprompts
@@ -56,7 +56,9 @@ def canonical(gradients: list[Gradient]) -> list[Gradient]:
 @dataclass
 class BackwardResult:
     gradients: list[Gradient]
-    parse_failures: int = 0
+    parse_failures: int = 0  # replies that gave no gradient (failed calls included)
+    calls: int = 0  # backward-engine calls asked
+    call_errors: list[str] = field(default_factory=list)  # calls that failed after retries
 
 
 DIAGNOSIS = "diagnosis"
@@ -222,11 +224,13 @@ class BackwardEngine:
         properties.update({k: {"type": "string", "maxLength": 600} for k in keys})
         schema = {"type": "object", "properties": properties, "required": list(properties),
                   "additionalProperties": False}
+        result.calls += 1
         try:
             reply = await self.client.complete(self.model_name, msgs, role="backward", json_schema=schema)
         except ModelCallError as e:
             log.warning("backward call for %s failed: %s", call.id, e.message)
             result.parse_failures += 1
+            result.call_errors.append(e.message)
             return None
         data = parse_json_object(reply.text)
         if data is None:

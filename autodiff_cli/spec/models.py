@@ -288,7 +288,8 @@ class TrainSpec(Strict):
     teacher: str | None = Field(None, description="a key of `models` that bootstraps demos "
                                                   "(default: each node's model at temperature 0.7)")
     seed: int = 0
-    max_error_rate: float = Field(0.1, ge=0, le=1)
+    max_error_rate: float = Field(0.1, ge=0, le=1, description="share of model calls allowed to fail after retries "
+                                  "(examples of a split, or a training step's backward or optimizer calls); above it, exit 3")
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
 
     @field_validator("demos", mode="before")
