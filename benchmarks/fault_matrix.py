@@ -598,7 +598,7 @@ def section(command: str, outcomes: list[Outcome], seconds: float, load: dict | 
              "the one validation example with n=3 (permanent, run with max_error_rate 0.5 and 0.1); train: every "
              "request of every role (transient) or the training example only step 2 sees (permanent and "
              "context-length: the run must fail at step 2 with a reason, keep step 1, and `--resume` against the "
-             "recovered server must reach the fault-free result); train (optimizer only): every optimizer request. "
+             "recovered server must reach the fault-free result); train (optimizer only): every optimizer request (step 1 has no proposal: above max_error_rate the run stops `failed`, initial prompts kept). "
              "Context-length is never retried; malformed optimizer JSON rejects the proposal with its reason. "
              "Usage exact = calls, errors and tokens in the command's usage equal the server's own counts "
              "(after a resume: both servers').", "",
