@@ -18,6 +18,11 @@ has no test split) with `autodiff eval ... --out FILE --json` (the call cache ma
 free), and the paired bootstrap interval of mean(best - initial) is computed over the examples
 that completed in both. See benchmarks/README.md.
 
+With `--variant 'NAME=K=V[,K=V...]'` (repeatable) every (config, mode, seed) is run once per
+variant, with the variant's settings appended to the --set options, and the table gets a
+`variant` column. A run is keyed by the combined --set options exactly as a plain invocation
+with those options would key it, so a variant without settings (`'NAME='`) reuses the plain runs.
+
 Only the standard library and PyYAML (a dependency of the project) are used; the CLI is run as
 `sys.executable -m autodiff_cli.cli`.
 """
@@ -78,6 +83,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", action="append", type=int, metavar="N", help="train.seed (repeatable; default 0)")
     ap.add_argument("--set", action="append", default=[], dest="sets", metavar="K=V",
                     help="passed to every train and eval, e.g. models.task.model=local/qwen2.5-coder-1.5b")
+    ap.add_argument("--variant", action="append", default=[], dest="variants", metavar="NAME=K=V[,K=V...]",
+                    help="run everything once per variant, with the variant's K=V settings passed after the --set "
+                         "options (repeatable; 'NAME=' for none; a value may contain '=' but not ','); "
+                         "the table gets a variant column")
     ap.add_argument("--work", type=Path, default=HERE / "work", metavar="DIR",
                     help="run directories, eval outputs and state.json (default: benchmarks/work)")
     ap.add_argument("--results", type=Path, default=HERE / "RESULTS.md", metavar="FILE",
@@ -96,6 +105,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             ap.error(f"--set {s!r}: expected KEY=VALUE")
         if key in ("train.mode", "train.seed"):
             ap.error(f"--set {key}=...: use --mode / --seed, the runner sets it per run")
+    try:
+        args.variants = parse_variants(args.variants)
+    except ValueError as e:
+        ap.error(str(e))
     for c in args.config:
         if not c.is_file():
             ap.error(f"--config {c}: no such file")
@@ -106,6 +119,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if "--" in args.section or ">" in args.section or "\n" in args.section:
         ap.error("--section: may not contain '--', '>' or a newline (it goes into an HTML comment marker)")
     return args
+
+
+def parse_variants(texts: list[str]) -> list[tuple[str | None, list[str]]]:
+    """[(name, extra sets)] from --variant 'NAME=K=V[,K=V...]' values; [(None, [])] when there are none.
+
+    NAME is everything before the first '='; the rest is split on ',' into K=V settings (whitespace
+    around each is dropped); 'NAME=' is a variant without settings. ValueError on a bad one."""
+    if not texts:
+        return [(None, [])]
+    variants: list[tuple[str | None, list[str]]] = []
+    for text in texts:
+        name, eq, rest = text.partition("=")
+        name = name.strip()
+        if not eq:
+            raise ValueError(f"--variant {text!r}: expected NAME=K=V[,K=V...] (or 'NAME=' for a variant "
+                             "without settings)")
+        if not name:
+            raise ValueError(f"--variant {text!r}: no name before the first '=' (expected NAME=K=V[,K=V...])")
+        if "|" in name or "\n" in name:
+            raise ValueError(f"--variant {text!r}: the name may not contain '|' or a newline (it is a table cell)")
+        sets = [] if not rest.strip() else [item.strip() for item in rest.split(",")]
+        for item in sets:
+            key = item.split("=", 1)[0].strip()
+            if "=" not in item or not key:
+                raise ValueError(f"--variant {text!r}: setting {item!r} is not K=V (settings are separated by ',' "
+                                 "and a value may not contain ',')")
+            if key in ("train.mode", "train.seed"):
+                raise ValueError(f"--variant {text!r}: {key} may not be set by a variant; use --mode / --seed")
+        for other, other_sets in variants:
+            if other == name:
+                raise ValueError(f"--variant {text!r}: the name {name!r} is given twice")
+            if other_sets == sets:
+                raise ValueError(f"--variant {text!r}: the same settings as variant {other!r} (they would be "
+                                 "the same runs)")
+        variants.append((name, sets))
+    return variants
 
 
 # ---------------------------------------------------------------- state
@@ -275,13 +324,15 @@ def train_sets(mode: str, seed: int, sets: list[str]) -> list[str]:
 
 
 def ensure_trained(runner: Runner, state: State, config: Path, mode: str, seed: int, sets: list[str],
-                   retry_failed: bool) -> dict:
+                   retry_failed: bool, variant: str | None = None) -> dict:
+    """Train (or reuse, or resume) one run; `sets` are all the --set options (a variant's included)."""
+    what = f"{config.name}{'' if variant is None else f' [{variant}]'} {mode} seed {seed}"
     key = run_key(config, mode, seed, sets)
     entry = state.data["runs"].get(key)
     action, run_dir, summary = plan_action(entry, state, retry_failed)
     if action == "reuse":
         entry["status"] = summary["status"]
-        log(f"{config.name} {mode} seed {seed}: reusing {run_dir} ({summary['status']})")
+        log(f"{what}: reusing {run_dir} ({summary['status']})")
         return entry
     if action == "resume":
         cmd = cli("train", str(config), "--resume", str(run_dir), *train_sets(mode, seed, sets))
@@ -315,7 +366,7 @@ def ensure_trained(runner: Runner, state: State, config: Path, mode: str, seed: 
             entry["reason"] += (" (to start this run over, delete its run directory or its entry in "
                                 f"{state.path})")
     state.save()
-    log(f"{config.name} {mode} seed {seed}: {entry['status']} ({entry['run_dir']})")
+    log(f"{what}: {entry['status']} ({entry['run_dir']})")
     runner.check()
     return entry
 
@@ -467,12 +518,12 @@ def _wall(seconds) -> str:
     return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
-def row_facts(state: State, entry: dict, bootstrap: int) -> dict:
+def row_facts(state: State, entry: dict, bootstrap: int, variant: str | None = None) -> dict:
     """Everything one table row shows, from the run's summary.json and the eval rows."""
     run_dir = state.abs(entry.get("run_dir"))
     summary = read_summary(run_dir) or {}
     facts = {"entry": entry, "summary": summary, "split": None, "initial": None, "best": None, "delta": None,
-             "n_paired": 0, "n": None}
+             "n_paired": 0, "n": None, "variant": variant}
     best = entry.get("eval")
     if best:
         split = best["split"]
@@ -492,14 +543,17 @@ def row_facts(state: State, entry: dict, bootstrap: int) -> dict:
 
 
 def render_section(name: str, command: str, facts: list[dict], notes_extra: list[str]) -> str:
+    """The section; a `variant` column (and variant-wise seed summary) when a fact has a variant."""
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    variants = any(f.get("variant") is not None for f in facts)
+    vcol, vsep = ("variant | ", "---|") if variants else ("", "")
     models: dict[str, list[str]] = {}
     for f in facts:
         m = f["summary"].get("models")
         if m:
             text = " · ".join(f"{role} `{m[role]}`" for role in (*ROLES, "teacher") if m.get(role))
             models.setdefault(text, [])
-            label = Path(f["entry"]["config"]).stem
+            label = Path(f["entry"]["config"]).stem + (f" ({f['variant']})" if variants else "")
             if label not in models[text]:
                 models[text].append(label)
     if len(models) == 1:
@@ -511,10 +565,10 @@ def render_section(name: str, command: str, facts: list[dict], notes_extra: list
     lines = [f"<!-- bench:{name} -->", f"## {name}", "",
              "Command:", "", "```", command, "```", "",
              f"Machine: {machine()}  ", f"Date: {date}  ", f"Models: {model_line}", "",
-             "| config | mode | seed | val initial | val best | test initial | test best | Δ test [95% CI] | win? "
+             f"| config | {vcol}mode | seed | val initial | val best | test initial | test best | Δ test [95% CI] | win? "
              "| steps | proposals tried/passed/accepted | calls task/backward/optimizer "
              "| tokens task/backward/optimizer | cost $ | wall | status |",
-             "|---|---|---:|---:|---:|---:|---:|---|---|---:|---|---|---|---:|---:|---|"]
+             f"|---|{vsep}---|---:|---:|---:|---:|---:|---|---|---:|---|---|---|---:|---:|---|"]
     notes = list(notes_extra)
     for f in facts:
         e, s = f["entry"], f["summary"]
@@ -536,11 +590,14 @@ def render_section(name: str, command: str, facts: list[dict], notes_extra: list
         cost = f"{sum((u or {}).get('cost_usd', 0.0) for u in usage.values()):.4f}" if usage else "–"
         proposals = f"{props.get('tried', 0)}/{props.get('passed_subset', 0)}/{props.get('accepted', 0)}" if props else "–"
         label = Path(e["config"]).stem
+        vcell = f"{f['variant']} | " if variants else ""
         lines.append(
-            f"| {label} | {e['mode']} | {e['seed']} | {_f(init.get('val'))} | {_f(best.get('val'))} "
+            f"| {label} | {vcell}{e['mode']} | {e['seed']} | {_f(init.get('val'))} | {_f(best.get('val'))} "
             f"| {_f(f['initial'])}{mark} | {_f(f['best'])}{mark} | {delta} | {win} | {s.get('steps', '–')} "
             f"| {proposals} | {calls} | {tokens} | {cost} | {_wall(s.get('wall_seconds'))} | {e.get('status', '–')} |")
         where = f"`{label}` {e['mode']} seed {e['seed']}"
+        if variants:
+            where = f"`{label}` [{f['variant']}] {e['mode']} seed {e['seed']}"
         if e.get("status") not in ("completed",):
             notes.append(f"{where}: {e.get('status')}: {e.get('reason') or s.get('reason') or 'no reason recorded'}")
         if f["split"] == "val":
@@ -554,16 +611,19 @@ def render_section(name: str, command: str, facts: list[dict], notes_extra: list
         if f["split"] == "test" and t is not None and f["best"] is not None and abs(t - f["best"]) > 1e-9:
             notes.append(f"{where}: summary.json says best test {_f(t)}, the separate eval {_f(f['best'])}")
     # across seeds
-    groups: dict[tuple[str, str], list[float]] = {}
+    groups: dict[tuple[str, str | None, str], list[float]] = {}
     for f in facts:
         if f["delta"] is not None:
-            groups.setdefault((Path(f["entry"]["config"]).stem, f["entry"]["mode"]), []).append(f["delta"][0])
+            group = (Path(f["entry"]["config"]).stem, f.get("variant"), f["entry"]["mode"])
+            groups.setdefault(group, []).append(f["delta"][0])
     multi = {k: v for k, v in groups.items() if len(v) > 1}
     if multi:
         lines += ["", "Across seeds (Δ test = mean(best − initial) per seed):", "",
-                  "| config | mode | seeds | Δ test mean ± sd |", "|---|---|---:|---|"]
-        for (label, mode), ds in multi.items():
-            lines.append(f"| {label} | {mode} | {len(ds)} | {_signed(statistics.mean(ds))} ± {statistics.stdev(ds):.3f} |")
+                  f"| config | {vcol}mode | seeds | Δ test mean ± sd |", f"|---|{vsep}---|---:|---|"]
+        for (label, variant, mode), ds in multi.items():
+            vcell = f"{variant} | " if variants else ""
+            lines.append(f"| {label} | {vcell}{mode} | {len(ds)} | {_signed(statistics.mean(ds))} "
+                         f"± {statistics.stdev(ds):.3f} |")
     lines += ["", "A win is claimed only where the paired-bootstrap 95% interval of mean(best − initial) "
                   "lies above 0."]
     if notes:
@@ -586,25 +646,39 @@ def write_section(results: Path, name: str, section: str) -> None:
 # ---------------------------------------------------------------- main
 
 
+def variant_notes(variants: list[tuple[str | None, list[str]]]) -> list[str]:
+    """One line per variant: its settings (passed after the common --set options)."""
+    return [f"variant `{name}`: " + (" ".join(f"`--set {s}`" for s in sets) + " after the common `--set` options"
+                                     if sets else "no settings beyond the common `--set` options")
+            for name, sets in variants if name is not None]
+
+
 def dry_run(args: argparse.Namespace, state: State) -> None:
-    print(f"plan ({len(args.config)} config(s) x {len(args.mode)} mode(s) x {len(args.seed)} seed(s)); "
+    variants = f" x {len(args.variants)} variant(s)" if args.variants[0][0] is not None else ""
+    print(f"plan ({len(args.config)} config(s){variants} x {len(args.mode)} mode(s) x {len(args.seed)} seed(s)); "
           f"state {state.path}")
+    for line in variant_notes(args.variants):
+        print(line.replace("`", ""))
     for config in args.config:
-        for mode in args.mode:
-            for seed in args.seed:
-                entry = state.data["runs"].get(run_key(config, mode, seed, args.sets))
-                action, run_dir, summary = plan_action(entry, state, args.retry_failed)
-                print(f"- {config} mode={mode} seed={seed}: {action}"
-                      + (f" {run_dir} ({summary['status']})" if run_dir else ""))
-                if action == "resume":
-                    print("    " + show(cli("train", str(config), "--resume", str(run_dir), *train_sets(mode, seed, args.sets))))
-                elif action == "start":
-                    print("    " + show(cli("train", str(config), "--runs-dir", str(state.work / "runs"),
-                                            *train_sets(mode, seed, args.sets))))
-                sets = [a for s in args.sets for a in ("--set", s)]
-                print("    then (unless already scored): "
-                      + show(cli("eval", str(config), "--split", "test", "--out", "FILE", "--json", *sets))
-                      + "  and the same with --run RUN_DIR (val when the config has no test split)")
+        for variant, vsets in args.variants:
+            sets = [*args.sets, *vsets]
+            shown = "" if variant is None else f" variant={shlex.quote(variant)}"
+            for mode in args.mode:
+                for seed in args.seed:
+                    entry = state.data["runs"].get(run_key(config, mode, seed, sets))
+                    action, run_dir, summary = plan_action(entry, state, args.retry_failed)
+                    print(f"- {config}{shown} mode={mode} seed={seed}: {action}"
+                          + (f" {run_dir} ({summary['status']})" if run_dir else ""))
+                    if action == "resume":
+                        print("    " + show(cli("train", str(config), "--resume", str(run_dir),
+                                                *train_sets(mode, seed, sets))))
+                    elif action == "start":
+                        print("    " + show(cli("train", str(config), "--runs-dir", str(state.work / "runs"),
+                                                *train_sets(mode, seed, sets))))
+                    set_args = [a for s in sets for a in ("--set", s)]
+                    print("    then (unless already scored): "
+                          + show(cli("eval", str(config), "--split", "test", "--out", "FILE", "--json", *set_args))
+                          + "  and the same with --run RUN_DIR (val when the config has no test split)")
     print(f"then: section `{args.section}` of {args.results}")
 
 
@@ -617,25 +691,28 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     runner = Runner()
     runner.install()
-    entries: list[dict] = []
+    rows: list[tuple[str | None, dict]] = []  # (variant, state entry), ordered config > variant > mode > seed
     try:
         for config in args.config:
-            for mode in args.mode:
-                for seed in args.seed:
-                    entry = ensure_trained(runner, state, config, mode, seed, args.sets, args.retry_failed)
-                    ensure_scored(runner, state, config, args.sets, entry)
-                    entries.append(entry)
+            for variant, vsets in args.variants:
+                sets = [*args.sets, *vsets]  # a variant's settings come last (they win)
+                for mode in args.mode:
+                    for seed in args.seed:
+                        entry = ensure_trained(runner, state, config, mode, seed, sets, args.retry_failed, variant)
+                        ensure_scored(runner, state, config, sets, entry)
+                        rows.append((variant, entry))
     except Interrupted:
         state.save()
         log(f"interrupted; state saved in {state.path}; run the same command again to continue")
         return EXIT_INTERRUPTED
     finally:
         runner.restore()
-    facts = [row_facts(state, e, args.bootstrap) for e in entries]
-    write_section(args.results, args.section, render_section(args.section, command, facts, []))
+    facts = [row_facts(state, e, args.bootstrap, variant) for variant, e in rows]
+    notes = variant_notes(args.variants)
+    write_section(args.results, args.section, render_section(args.section, command, facts, notes))
     log(f"wrote section `{args.section}` of {args.results}")
     print(args.results)
-    errors = [e for e in entries if e.get("status") == "error"
+    errors = [e for _, e in rows if e.get("status") == "error"
               or (e.get("status") in SCORED and not (e.get("eval") or {}).get("result"))]
     return EXIT_USAGE if errors else 0
 

@@ -273,3 +273,84 @@ def test_paired_bootstrap_separates_a_clear_improvement_from_noise():
     best = {"a": {"id": "a", "score": 1.0, "error": None}, "b": {"id": "b", "score": None, "error": "rate limit"},
             "c": {"id": "c", "score": 1.0, "error": None}}
     assert bench.paired_diffs(initial, best) == [1.0]
+
+
+def test_variants_are_separate_runs_and_rows_and_an_empty_variant_reuses_the_plain_run(tmp_path, toy, commands):
+    common = ("--mode", "none", "--set", "train.batch_size=4")
+    assert run_bench(tmp_path, toy, *common) == 0  # a plain run first
+    plain = state_of(tmp_path)["runs"]
+    assert list(plain) == [bench.run_key(toy, "none", 0, ["train.batch_size=4"])]
+
+    commands.clear()
+    assert run_bench(tmp_path, toy, *common, "--variant", "plain=",
+                     "--variant", "short=train.max_steps=1, train.max_proposals=2") == 0
+    trains = [c for c in commands if c[0] == "train"]
+    assert len(trains) == 1  # "plain" reused the plain run; "short" trained once, its settings after --set
+    assert trains[0][-6:] == ["--set", "train.batch_size=4", "--set", "train.max_steps=1",
+                              "--set", "train.max_proposals=2"]
+    evals = [c for c in commands if c[0] == "eval"]
+    assert len(evals) == 1 and evals[0][-4:] == ["--set", "train.max_steps=1", "--set", "train.max_proposals=2"]
+    runs = state_of(tmp_path)["runs"]
+    short_key = bench.run_key(toy, "none", 0, ["train.batch_size=4", "train.max_steps=1", "train.max_proposals=2"])
+    assert set(runs) == {*plain, short_key}
+    assert {k: runs[k] for k in plain} == plain  # the plain entry is reused as it is
+    assert runs[short_key]["run_dir"] != next(iter(plain.values()))["run_dir"]
+
+    text = section(tmp_path / "RESULTS.md")
+    assert "| config | variant | mode | seed | val initial |" in text
+    assert "--variant plain= --variant 'short=train.max_steps=1, train.max_proposals=2'" in text
+    rows = table_rows(text)  # keyed by the second cell: the variant
+    assert list(rows) == ["plain", "short"] and all(r[2] == "none" and r[-1] == "completed" for r in rows.values())
+    assert "- variant `plain`: no settings beyond the common `--set` options" in text
+    assert "- variant `short`: `--set train.max_steps=1` `--set train.max_proposals=2` after the common" in text
+
+    commands.clear()  # a rerun reuses both, and without --variant the section is the plain one again
+    assert run_bench(tmp_path, toy, *common) == 0
+    assert commands == [] and "| config | mode | seed | val initial |" in section(tmp_path / "RESULTS.md")
+
+
+@pytest.mark.parametrize("variants, message", [
+    (["nosettings"], "expected NAME=K=V"),
+    (["=train.max_steps=1"], "no name"),
+    (["a=", "a=train.max_steps=1"], "given twice"),
+    (["a=train.max_steps"], "is not K=V"),
+    (["a=train.max_steps=1,,train.max_proposals=2"], "is not K=V"),
+    (["a=train.mode=none"], "train.mode may not be set"),
+    (["a=train.max_steps=1,train.seed=3"], "train.seed may not be set"),
+    (["a=", "b="], "the same settings as variant 'a'"),
+    (["a|b="], "may not contain '|'"),
+])
+def test_a_bad_variant_is_a_usage_error(tmp_path, toy, capsys, variants, message):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--config", str(toy), "--work", str(tmp_path / "work"), "--dry-run",
+                    *[a for v in variants for a in ("--variant", v)]])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
+
+
+def test_dry_run_shows_the_variants(tmp_path, toy, capsys):
+    assert bench.main(["--config", str(toy), "--work", str(tmp_path / "work"), "--results", str(tmp_path / "R.md"),
+                       "--set", "train.batch_size=4", "--variant", "v one=", "--variant", "v2=train.max_steps=1=x",
+                       "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "1 config(s) x 2 variant(s) x 1 mode(s) x 1 seed(s)" in out
+    assert "variant v2: --set train.max_steps=1=x after the common --set options" in out
+    assert out.count(": start") == 2 and "variant='v one' mode=autodiff" in out and "variant=v2 mode=autodiff" in out
+    assert "--set train.batch_size=4 --set train.max_steps=1=x" in out  # a value may contain '='
+    assert not (tmp_path / "work").exists()
+
+
+def test_the_seed_summary_groups_by_variant():
+    def fact(variant, seed, delta):
+        return {"entry": {"config": "x/toy.yaml", "mode": "autodiff", "seed": seed, "status": "completed"},
+                "summary": {}, "split": "test", "initial": 0.5, "best": 0.5 + delta, "delta": (delta, delta - 0.1, delta + 0.1),
+                "n_paired": 10, "n": 10, "variant": variant}
+
+    facts = [fact(v, s, d) for v, ds in (("A", (0.1, 0.3)), ("B", (-0.2, 0.0))) for s, d in enumerate(ds)]
+    text = bench.render_section("s", "cmd", facts, [])
+    assert "| config | variant | mode | seeds | Δ test mean ± sd |" in text
+    assert "| toy | A | autodiff | 2 | +0.200 ± 0.141 |" in text and "| toy | B | autodiff | 2 | -0.100 ± 0.141 |" in text
+    plain = bench.render_section("s", "cmd", [dict(f, variant=None) for f in facts], [])
+    assert "| config | mode | seeds | Δ test mean ± sd |" in plain and "| toy | autodiff | 4 | +0.050 ± 0.208 |" in plain
+    assert "| config | mode | seed | val initial |" in plain and "variant" not in plain
