@@ -26,7 +26,7 @@ objectcount() {
 }
 trec() {
   "$PY" benchmarks/run.py ${BENCH_OPTS:-} --config configs/trec.yaml \
-    --mode none --mode autodiff --mode textgrad --mode no_gradient --seed 0 "${TREC[@]}" \
+    --mode none --mode autodiff --mode textgrad --mode no_gradient --seed 0 --seed 1 --seed 2 "${TREC[@]}" \
     --section "TREC on Qwen2.5-Coder-1.5B (issue 4)"
 }
 hotpot() {

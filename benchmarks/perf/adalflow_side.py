@@ -31,12 +31,36 @@ on the highest K in the request (upstream outputs carry their node's tag):
   odd revisions            fruits right, vegetables right, musical instruments wrong
   even revisions >= 2      fruits wrong, vegetables wrong, musical instruments right
 
-The training set asks about fruits (1/3) and vegetables (2/3), so two thirds of it fails at first;
-the validation set asks about the three categories equally. Hence, in both tools and in every
-step, proposal 1 (rev 1) beats the subset and then ties the validation score (rejected), and
-proposal 2 (rev 2) fails the subset check: every step does the same work (forward, backward, two
-optimizer rounds, two subset checks, one validation of the whole set, which autodiff may stop early),
-nothing is ever accepted, and the comparison is of identical steps (with the default 2 proposals).
+The training set asks about fruits (1/3) and vegetables (2/3), so two thirds of it fails at first.
+Two scenarios (`SCENARIOS`, `--adalflow-scenario tie|worse|both`) differ ONLY in the validation file's
+mix of categories; the training file, the fake model, the pipelines and every setting are the same:
+
+  tie    the validation set asks about the three categories equally (fruits, vegetables, musical
+         instruments in turn: every third example is a musical instrument, the last one too). In
+         both tools and in every step, proposal 1 (rev 1) beats the subset and then exactly TIES the
+         validation score (rejected), and proposal 2 (rev 2) fails the subset check. The worst case
+         for autodiff's early stop: a tie is only known when the last musical instrument is scored.
+  worse  the validation set asks fruits, musical instruments, vegetables, musical instruments in turn:
+         half of it (every other example, from the second on) asks about the category proposal 1
+         breaks, so proposal 1 beats the subset and is then clearly WORSE on validation (1/2 against
+         the initial prompts' 3/4); proposal 2 fails the subset check as in `tie`. The bound is
+         crossed partway through: with the best at 3/4 of 24, after the sixth musical instrument.
+
+Each step does the same logical work in both tools (forward, backward, two optimizer rounds, two
+subset checks, one validation of the whole set), nothing is ever accepted, and the comparison is of
+identical steps (with the default 2 proposals). autodiff's validation stops as soon as a proposal can
+no longer end strictly above the best score (autodiff_cli/evaluate.py, `stop_unless_above`: the
+outstanding calls are cancelled); AdalFlow 1.1.3's own early stop is on as its code has it (the
+constrained proposal step passes `minimum_score=last_val_score` to `validation_step`; `pred_step`
+stops scoring once the best possible score falls below it, but it leaves its `with ThreadPoolExecutor`
+block, which waits for every submitted example, so all its validation calls are still made: its
+script records how many examples it scored). The validation order is the deterministic interleave
+above (no shuffle): the broken category is spread evenly through the file, so neither tool meets it
+all at the start or all at the end.
+
+The server sees every request a client sends; a request whose client closes the connection before
+the answer is due (autodiff cancelling a doomed validation) is logged as cancelled, with its end at
+the moment the client went away: it still counts as a call received.
 
 Requests are classified by role on the server, by the fixed first words of each tool's meta-prompts
 (`classify`): backward = autodiff's "You are the backward engine of a prompt optimizer" / "You evaluate
@@ -52,7 +76,9 @@ initial validation and at the end of every step with the step's other files).
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -120,9 +146,20 @@ PIPELINES: dict[str, dict[str, Any]] = {
 NODE_MARKERS = ("[answer]", "[tally]", "[listing]", "[count]")
 
 
-def make_examples(prefix: str, n: int, categories: list[str], seed: int) -> list[dict]:
+# the validation file of each scenario asks about these categories in turn, in file order (no shuffle)
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "tie": {"val_categories": ("fruits", "vegetables", "musical instruments"),
+            "summary": "proposal 1 beats the subset, then ties the validation score"},
+    "worse": {"val_categories": ("fruits", "musical instruments", "vegetables", "musical instruments"),
+              "summary": "proposal 1 beats the subset, then is clearly worse on validation"},
+}
+TRAIN_CATEGORIES = ("fruits", "vegetables", "vegetables")
+
+
+def make_examples(prefix: str, n: int, categories: list[str], seed: int, shuffle: bool = True) -> list[dict]:
     """n questions "I have 2 apples, 1 carrot, ... How many <category> do I have?", categories in turn,
-    then shuffled (seeded)."""
+    then shuffled (seeded) unless `shuffle` is False (the validation files: the categories stay
+    interleaved in file order)."""
     rng = random.Random(f"{seed}:{prefix}")
     rows = []
     for i in range(n):
@@ -136,14 +173,20 @@ def make_examples(prefix: str, n: int, categories: list[str], seed: int) -> list
         answer = sum(c for c, noun in zip(counts, nouns) if NOUN_CATEGORY[noun] == category)
         rows.append({"id": f"{prefix}{i:03d}", "question": f"I have {listing}. How many {category} do I have?",
                      "answer": str(answer), "category": category})
-    rng.shuffle(rows)
+    if shuffle:
+        rng.shuffle(rows)
     return rows
 
 
-def write_data(work: Path, n_train: int, n_val: int, seed: int = 0) -> tuple[Path, Path]:
+def val_examples(n_val: int, seed: int = 0, scenario: str = "tie") -> list[dict]:
+    """The validation examples of a scenario, in file order."""
+    return make_examples("val", n_val, list(SCENARIOS[scenario]["val_categories"]), seed, shuffle=False)
+
+
+def write_data(work: Path, n_train: int, n_val: int, seed: int = 0, scenario: str = "tie") -> tuple[Path, Path]:
     work.mkdir(parents=True, exist_ok=True)
-    train = make_examples("train", n_train, ["fruits", "vegetables", "vegetables"], seed)
-    val = make_examples("val", n_val, list(CATEGORIES), seed)
+    train = make_examples("train", n_train, list(TRAIN_CATEGORIES), seed)
+    val = val_examples(n_val, seed, scenario)
     if {r["question"] for r in train} & {r["question"] for r in val}:
         raise RuntimeError("a validation question is also a training question: pick another seed")
     paths = []
@@ -154,9 +197,9 @@ def write_data(work: Path, n_train: int, n_val: int, seed: int = 0) -> tuple[Pat
     return paths[0], paths[1]
 
 
-def val_questions(n_val: int, seed: int = 0) -> set[str]:
+def val_questions(n_val: int, seed: int = 0, scenario: str = "tie") -> set[str]:
     """The validation questions as QUESTION_RE finds them in a prompt."""
-    return {QUESTION_RE.search(r["question"]).group(0) for r in make_examples("val", n_val, list(CATEGORIES), seed)}
+    return {QUESTION_RE.search(r["question"]).group(0) for r in val_examples(n_val, seed, scenario)}
 
 
 def parse_question(text: str) -> tuple[str, int] | None:
@@ -305,6 +348,8 @@ class Request:
     tool: str | None
     api: str  # "chat" or "responses"
     validation: bool = False  # a task call on a validation question
+    cancelled: bool = False  # the client closed the connection before the answer (`end` = that moment)
+    node: str | None = None  # a task call's node marker without brackets ("count", "listing", ...)
 
 
 def _responses_messages(data: dict) -> list[dict]:
@@ -356,7 +401,33 @@ class BenchServer(fs.FakeServer):
             return await self._chat(request, reader, writer)
         return await super()._dispatch(request, reader, writer)
 
+    async def _chat(self, request, reader, writer) -> bool:
+        """As FakeServer._chat (this benchmark has no faults), but a request whose client goes away
+        before the answer is due is logged as cancelled, and its connection closed unanswered."""
+        self._enter()
+        try:
+            answer, delay, index = self._decide_logged(request.body)
+            if answer.kind is not None:
+                self._count_error(answer.kind)
+            if delay > 0 and await _client_gone_within(reader, delay):
+                if index is not None:
+                    with self._lock:
+                        r = self.requests[index]
+                        self.requests[index] = dataclasses.replace(r, end=min(r.end, time.time()), cancelled=True)
+                return False
+        finally:
+            self._leave()
+        self._write(writer, answer.status, json.dumps(answer.payload, ensure_ascii=False).encode("utf-8"),
+                    answer.headers, keep_alive=request.keep_alive)
+        await writer.drain()
+        return True
+
     def _decide(self, body: bytes):
+        answer, delay, _ = self._decide_logged(body)
+        return answer, delay
+
+    def _decide_logged(self, body: bytes):
+        """(answer, delay, index of the request in the log or None)."""
         arrival = time.time()
         digest = hashlib.sha256(body).hexdigest()
         with self._lock:
@@ -373,14 +444,15 @@ class BenchServer(fs.FakeServer):
                 raise TypeError
         except (ValueError, KeyError, TypeError, AttributeError):
             return fs._Answer(400, fs._error_obj("expected `messages` or `input`", "invalid_request_error"),
-                              kind="400"), 0.0
+                              kind="400"), 0.0, None
         if data.get("stream"):
             return fs._Answer(400, fs._error_obj("streaming is not supported", "invalid_request_error"),
-                              kind="400"), 0.0
+                              kind="400"), 0.0, None
         text = "\n".join(fake._content(m) for m in messages)
         tool, role, reply = respond(text)
         q = QUESTION_RE.search(text) if role == "task" else None
         validation = q is not None and q.group(0) in self.val_questions
+        node = next((m.strip("[]") for m in NODE_MARKERS if m in text), None) if role == "task" else None
         prompt = sum(fake.count_tokens(fake._content(m)) for m in messages)
         completion = fake.count_tokens(reply)
         with self._lock:
@@ -389,7 +461,8 @@ class BenchServer(fs.FakeServer):
             self._stats["replies"] += 1
             self._stats["prompt_tokens"] += prompt
             self._stats["completion_tokens"] += completion
-            self.requests.append(Request(arrival, arrival + delay, role, tool, api, validation))
+            index = len(self.requests)
+            self.requests.append(Request(arrival, arrival + delay, role, tool, api, validation, node=node))
         model = str(data.get("model") or "fake")
         if api == "chat":
             payload = {"id": f"chatcmpl-bench-{ident}", "object": "chat.completion", "created": int(arrival),
@@ -410,7 +483,33 @@ class BenchServer(fs.FakeServer):
                                  "total_tokens": prompt + completion,
                                  "input_tokens_details": {"cached_tokens": 0},
                                  "output_tokens_details": {"reasoning_tokens": 0}}}
-        return fs._Answer(200, payload), delay
+        return fs._Answer(200, payload), delay, index
+
+
+async def _client_gone_within(reader: asyncio.StreamReader, delay: float) -> bool:
+    """Wait `delay` seconds; True as soon as the client closes (or resets) the connection first.
+
+    Nothing is read: StreamReader._wait_for_data returns when data, EOF or a connection error arrives
+    (no client here pipelines requests, so only EOF or an error can come while a request is pending).
+    """
+    async def gone() -> bool:
+        while True:
+            if reader.exception() is not None or reader.at_eof():
+                return True
+            if reader._buffer or not hasattr(reader, "_wait_for_data"):  # data: the client is still there
+                await asyncio.sleep(3600)
+            try:
+                await reader._wait_for_data("bench")
+            except Exception:  # noqa: BLE001 - a connection error: gone
+                return True
+
+    watch = asyncio.ensure_future(gone())
+    try:
+        done, _ = await asyncio.wait({watch}, timeout=delay)
+        return watch in done and watch.result()
+    finally:
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
 
 
 def _empty_script() -> Path:
@@ -437,10 +536,11 @@ def _union(intervals: list[tuple[float, float]]) -> float:
 
 
 def step_accounting(log: list[Request], windows: list[dict]) -> list[dict]:
-    """Per step window: requests by role (arrival inside the window), busy seconds per role (the union
-    of that role's request intervals, clipped to the window), the seconds with no request in flight
-    (the client's own work: prompts, parsing, bookkeeping, thread and event-loop scheduling) and the
-    most requests of each role in flight at once."""
+    """Per step window: requests by role (arrival inside the window; a request the client cancelled
+    counts, and is also counted apart), busy seconds per role (the union of that role's request
+    intervals, clipped to the window; a cancelled request's interval ends when its client went away),
+    the seconds with no request in flight (the client's own work: prompts, parsing, bookkeeping,
+    thread and event-loop scheduling) and the most requests of each role in flight at once."""
     out = []
     for w in windows:
         start, end = w["start"], w["end"]
@@ -450,7 +550,16 @@ def step_accounting(log: list[Request], windows: list[dict]) -> list[dict]:
         busy = {role: _union(clipped[role]) for role in ROLES}
         idle = (end - start) - _union([i for role in ROLES for i in clipped[role]])
         val = [(max(r.start, start), min(r.end, end)) for r in inside if r.role == "task" and r.validation]
+        # the order of a chain's validation calls: how many first-node calls were sent before the first
+        # last-node call (all of them = breadth-first over the examples; about the workers = one example
+        # after another)
+        val_nodes = [r.node for r in sorted(inside, key=lambda r: r.start) if r.role == "task" and r.validation]
+        first_before_last = (val_nodes.index("answer") if "answer" in val_nodes else len(val_nodes))
+        first_before_last = sum(1 for x in val_nodes[:first_before_last] if x == "listing") if "listing" in val_nodes else None
         out.append({"step": w["step"], "wall_s": end - start, "calls": calls,
+                    "cancelled": {role: sum(1 for r in inside if r.role == role and r.cancelled) for role in ROLES},
+                    "val_cancelled": sum(1 for r in inside if r.role == "task" and r.validation and r.cancelled),
+                    "val_first_before_last": first_before_last,
                     "unknown_calls": sum(1 for r in inside if r.role not in ROLES), "busy_s": busy,
                     "idle_s": max(0.0, idle), "val_calls": len(val), "val_busy_s": _union(val),
                     "max_in_flight": {role: _max_in_flight([r for r in inside if r.role == role]) for role in ROLES}})
@@ -510,12 +619,13 @@ def autodiff_spec(pipeline: str, url: str, s: Settings) -> dict:
     }
 
 
-def run_autodiff(pipeline: str, srv: BenchServer, s: Settings, work: Path, log=lambda m: None) -> dict:
+def run_autodiff(pipeline: str, srv: BenchServer, s: Settings, work: Path, log=lambda m: None,
+                 scenario: str = "tie") -> dict:
     """`autodiff train` of one pipeline against `srv`; per-step windows from checkpoint.json's versions."""
     work = work / f"autodiff-{pipeline}"
     if work.exists():
         shutil.rmtree(work)
-    write_data(work, s.train, s.val, s.seed)
+    write_data(work, s.train, s.val, s.seed, scenario)
     spec = work / "spec.yaml"
     spec.write_text(yaml.safe_dump(autodiff_spec(pipeline, srv.url, s), sort_keys=False), encoding="utf-8")
     runs = work / "runs"
@@ -523,7 +633,7 @@ def run_autodiff(pipeline: str, srv: BenchServer, s: Settings, work: Path, log=l
     env = {**os.environ, "AUTODIFF_CACHE": str(work / "cache"), KEY_ENV: "perf-any-key",
            "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
     cmd = [sys.executable, "-m", "autodiff_cli.cli", "train", str(spec), "--runs-dir", str(runs), "--quiet"]
-    log(f"adalflow: autodiff train {pipeline} ({s.steps} steps)")
+    log(f"adalflow: [{scenario}] autodiff train {pipeline} ({s.steps} steps)")
     first = len(srv.log())
     # `autodiff train` rewrites checkpoint.json (atomically: a new file each time) once after the initial
     # validation and once at the end of every step: step k runs between versions k-1 and k
@@ -566,9 +676,11 @@ def run_autodiff(pipeline: str, srv: BenchServer, s: Settings, work: Path, log=l
         st["cached_calls"] = sum(r["usage"][role]["cached_calls"] for role in ROLES)
         st["skipped"] = r.get("skipped")
         st["proposals"] = [{"subset": p.get("subset_score"), "val": p.get("val_score"), "accepted": p["accepted"],
-                            "reason": p.get("reason")} for p in r["proposals"]]
+                            "reason": p.get("reason"), "stopped_early": "stopped early" in (p.get("reason") or "")}
+                           for p in r["proposals"]]
     total = {role: summary["usage"][role]["calls"] for role in ROLES}
-    return {"tool": "autodiff", "pipeline": pipeline, "steps": steps, "process_wall_s": process_wall,
+    return {"tool": "autodiff", "pipeline": pipeline, "scenario": scenario, "steps": steps,
+            "process_wall_s": process_wall,
             "status": summary["status"], "initial_val": summary["initial"]["val"],
             "best_val": summary["best"]["val"], "client_calls_total": total,
             "server_calls_total": _count(srv.log()[first:]), "run_dir": str(run_dir)}
@@ -649,12 +761,13 @@ def ensure_venv(venv: Path, log=lambda m: None) -> dict:
     return versions
 
 
-def run_adalflow(pipeline: str, srv: BenchServer, s: Settings, work: Path, venv: Path, log=lambda m: None) -> dict:
+def run_adalflow(pipeline: str, srv: BenchServer, s: Settings, work: Path, venv: Path, log=lambda m: None,
+                 scenario: str = "tie") -> dict:
     """AdalFlow's Trainer.fit on one pipeline against `srv`, in the AdalFlow venv."""
     work = work / f"adalflow-{pipeline}"
     if work.exists():
         shutil.rmtree(work)
-    train, val = write_data(work, s.train, s.val, s.seed)
+    train, val = write_data(work, s.train, s.val, s.seed, scenario)
     home = work / "home"  # AdalFlow keeps its call cache and checkpoints under ~/.adalflow: a fresh one
     home.mkdir()
     config = {"pipeline": pipeline, "base_url": f"{srv.url}/v1/", "train": str(train), "val": str(val),
@@ -665,7 +778,7 @@ def run_adalflow(pipeline: str, srv: BenchServer, s: Settings, work: Path, venv:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
     env.update(HOME=str(home), OPENAI_API_KEY="perf-any-key", TIKTOKEN_CACHE_DIR=str(tiktoken_cache(work.parent)),
                TQDM_DISABLE="1", PYTHONUNBUFFERED="1", NO_PROXY="127.0.0.1,localhost")
-    log(f"adalflow: AdalFlow Trainer.fit {pipeline} ({s.steps} steps)")
+    log(f"adalflow: [{scenario}] AdalFlow Trainer.fit {pipeline} ({s.steps} steps)")
     first = len(srv.log())
     t0 = time.time()
     with (work / "stdout.log").open("w") as out, (work / "stderr.log").open("w") as err:
@@ -681,7 +794,9 @@ def run_adalflow(pipeline: str, srv: BenchServer, s: Settings, work: Path, venv:
     for st, w in zip(steps, result["windows"]):
         st["own_wall_s"] = w["end"] - w["start"]
         st["proposals"] = w.get("proposals")
-    return {"tool": "adalflow", "pipeline": pipeline, "steps": steps, "process_wall_s": process_wall,
+        st["validations"] = w.get("validations", [])
+    return {"tool": "adalflow", "pipeline": pipeline, "scenario": scenario, "steps": steps,
+            "process_wall_s": process_wall,
             "import_s": result["import_s"], "initial_val": result.get("initial_val"),
             "val_scores": result.get("val_scores"), "effective": result.get("effective"),
             "server_calls_total": _count(log_part), "versions": result.get("versions")}
@@ -711,45 +826,60 @@ def mean_step(run: dict) -> dict:
     return {"steps": len(steps), "wall_s": sum(walls) / n, "min_s": min(walls, default=0.0),
             "max_s": max(walls, default=0.0),
             "calls": {role: sum(st["calls"][role] for st in steps) / n for role in ROLES},
+            "cancelled": {role: sum(st["cancelled"][role] for st in steps) / n for role in ROLES},
+            "cancelled_total": sum(sum(st["cancelled"].values()) for st in steps),
+            "val_cancelled": sum(st["val_cancelled"] for st in steps) / n,
             "busy_s": {role: sum(st["busy_s"][role] for st in steps) / n for role in ROLES},
             "idle_s": sum(st["idle_s"] for st in steps) / n,
             "val_calls": sum(st["val_calls"] for st in steps) / n,
             "val_busy_s": sum(st["val_busy_s"] for st in steps) / n,
+            "val_first_before_last": (sum(st["val_first_before_last"] for st in steps) / n
+                                      if steps and all(st.get("val_first_before_last") is not None for st in steps)
+                                      else None),
             "max_in_flight": {role: max((st["max_in_flight"][role] for st in steps), default=0) for role in ROLES},
             "unknown_calls": sum(st["unknown_calls"] for st in steps)}
 
 
 def compare(s: Settings, work: Path, venv: Path | None = None, pipelines=("single", "chain"),
-            tools=("adalflow", "autodiff"), log=lambda m: None) -> dict:
-    """Both tools on both pipelines against one server; the raw runs and per-pipeline ratios."""
+            tools=("adalflow", "autodiff"), log=lambda m: None, scenarios=tuple(SCENARIOS)) -> dict:
+    """Both tools on both pipelines in each scenario against one server; the raw runs
+    (runs[scenario][pipeline][tool]) and per-scenario, per-pipeline ratios."""
+    unknown_scenarios = [x for x in scenarios if x not in SCENARIOS]
+    if unknown_scenarios:
+        raise ValueError(f"unknown scenario(s) {unknown_scenarios}: expected some of {list(SCENARIOS)}")
     work.mkdir(parents=True, exist_ok=True)
     versions = None
     if "adalflow" in tools:
         venv = (venv or DEFAULT_VENV).resolve()
         versions = ensure_venv(venv, log)
-    runs: dict[str, dict[str, dict]] = {}
+    runs: dict[str, dict[str, dict[str, dict]]] = {}
     with BenchServer(latency=s.latency).in_thread() as srv:
-        srv.val_questions = val_questions(s.val, s.seed)
-        for pipeline in pipelines:
-            runs[pipeline] = {}
-            for tool in tools:
-                if tool == "adalflow":
-                    runs[pipeline][tool] = run_adalflow(pipeline, srv, s, work, venv, log)
-                else:
-                    runs[pipeline][tool] = run_autodiff(pipeline, srv, s, work, log)
+        for scenario in scenarios:
+            srv.val_questions = val_questions(s.val, s.seed, scenario)
+            runs[scenario] = {}
+            for pipeline in pipelines:
+                runs[scenario][pipeline] = {}
+                for tool in tools:
+                    if tool == "adalflow":
+                        run = run_adalflow(pipeline, srv, s, work / scenario, venv, log, scenario)
+                    else:
+                        run = run_autodiff(pipeline, srv, s, work / scenario, log, scenario)
+                    runs[scenario][pipeline][tool] = run
         unknown = [r for r in srv.log() if r.role == "unknown"]
     if unknown:
         raise RuntimeError(f"{len(unknown)} requests the role classifier did not recognise (see classify())")
-    result: dict[str, Any] = {"settings": s.to_dict(), "adalflow_versions": versions, "runs": runs,
-                              "autodiff_source": autodiff_source(),
+    result: dict[str, Any] = {"settings": s.to_dict(), "scenarios": list(scenarios), "adalflow_versions": versions,
+                              "runs": runs, "autodiff_source": autodiff_source(),
                               "unknown_requests": len(unknown), "venv": str(venv) if venv else None}
-    ratios = {}
-    for pipeline, by_tool in runs.items():
-        if "adalflow" in by_tool and "autodiff" in by_tool:
-            a, b = mean_step(by_tool["adalflow"]), mean_step(by_tool["autodiff"])
-            ratios[pipeline] = {"wall_ratio": a["wall_s"] / b["wall_s"] if b["wall_s"] else None,
-                                "backward_fewer": b["calls"]["backward"] < a["calls"]["backward"],
-                                "met": bool(b["wall_s"]) and a["wall_s"] / b["wall_s"] >= TARGET_RATIO
-                                and b["calls"]["backward"] < a["calls"]["backward"]}
+    ratios: dict[str, dict[str, dict]] = {}
+    for scenario, by_pipeline in runs.items():
+        for pipeline, by_tool in by_pipeline.items():
+            if "adalflow" in by_tool and "autodiff" in by_tool:
+                a, b = mean_step(by_tool["adalflow"]), mean_step(by_tool["autodiff"])
+                ratio = a["wall_s"] / b["wall_s"] if b["wall_s"] else None
+                ratios.setdefault(scenario, {})[pipeline] = {
+                    "wall_ratio": ratio, "backward_fewer": b["calls"]["backward"] < a["calls"]["backward"],
+                    "met": ratio is not None and ratio >= TARGET_RATIO
+                    and b["calls"]["backward"] < a["calls"]["backward"]}
     result["ratios"] = ratios
     return result

@@ -17,7 +17,11 @@ the template AdalFlow's examples use (<START_OF_SYSTEM_PROMPT> ... <START_OF_USE
 processor parsing the last integer; `EvalFnToTextLoss` over `AnswerMatchAcc("exact_match")`; the
 backward engine and the TGD optimizer on the same server. Nothing of AdalFlow is patched. Two
 subclasses only add timestamps: the AdalComponent records when `train_step` starts (the start of a
-training step) and the Trainer when `_text_grad_constraint_propose_step` returns (its end).
+training step) and the Trainer when `_text_grad_constraint_propose_step` returns (its end). The
+AdalComponent also records each validation of the whole validation set inside a step (its
+`validation_step` is called by the constrained proposal step with `minimum_score=last_val_score`,
+AdalFlow's own early stop, left on as it is): how many examples it scored before it stopped, the
+score, and when the call started and returned; it calls the stock method unchanged.
 
 Writes CONFIG["out"]: the step windows (time.time()), the import time, validation scores, the
 trainer's pass/fail counts, package versions.
@@ -130,6 +134,17 @@ def main() -> int:
         def train_step(self, batch, batch_idx, num_workers: int = 2):
             windows.append({"step": batch_idx, "start": time.time()})
             return super().train_step(batch, batch_idx, num_workers)
+
+        def validation_step(self, batch, batch_idx, num_workers: int = 2, minimum_score=None,
+                            use_loss_eval_fn: bool = False):
+            start = time.time()
+            out = super().validation_step(batch, batch_idx, num_workers, minimum_score=minimum_score,
+                                          use_loss_eval_fn=use_loss_eval_fn)
+            if windows and "end" not in windows[-1] and batch is val:  # the validation set, inside a step
+                windows[-1].setdefault("validations", []).append(
+                    {"examples": len(batch), "scored": len(out.per_item_scores or []), "score": out.avg_score,
+                     "minimum_score": minimum_score, "start": start, "end": time.time()})
+            return out
 
     class TimedTrainer(adal.Trainer):
         def _text_grad_constraint_propose_step(self, *args, **kwargs):

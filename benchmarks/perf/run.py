@@ -6,6 +6,7 @@
     python benchmarks/perf/run.py --quick         # tiny sizes: a smoke test of the machinery (CI)
     python benchmarks/perf/run.py --only concurrency --only memory
     python benchmarks/perf/run.py --only adalflow --write   # figure 2: a training step vs AdalFlow 1.1.3
+    python benchmarks/perf/run.py --only adalflow --adalflow-scenario worse   # one of its two scenarios
 
 The five measurements (each a section between `<!-- bench:NAME -->` markers, like benchmarks/run.py):
 
@@ -28,7 +29,9 @@ The five measurements (each a section between `<!-- bench:NAME -->` markers, lik
   adalflow     Figure 2, a training step against AdalFlow 1.1.3: the same single-node and 3-node pipelines,
                fake server, latency, batch size, proposals, validation set and worker count, trained by
                both tools; wall time and calls per role per step (target: >= 3x less wall time, fewer
-               backward calls). AdalFlow runs in its own virtual environment (created on first use under
+               backward calls), in two scenarios (`--adalflow-scenario tie|worse|both`, default both):
+               the step's first proposal ties the validation score, or is clearly worse on it. AdalFlow
+               runs in its own virtual environment (created on first use under
                benchmarks/work/adalflow-venv, `--adalflow-venv DIR` to choose); see adalflow_side.py.
 
 Timings are only meaningful on an otherwise idle machine: each section records the load average
@@ -624,10 +627,14 @@ def af_settings(sizes: Sizes):
                          batch=sizes.af_batch, proposals=sizes.af_proposals, workers=sizes.af_workers)
 
 
-def bench_adalflow(sizes: Sizes, work: Path, venv: Path | None = None) -> dict:
-    """Both tools on both pipelines (adalflow_side.compare); creates the AdalFlow venv when missing."""
+AF_SCENARIOS = {"tie": ("tie",), "worse": ("worse",), "both": ("tie", "worse")}
+
+
+def bench_adalflow(sizes: Sizes, work: Path, venv: Path | None = None, scenario: str = "both") -> dict:
+    """Both tools on both pipelines in the chosen scenario(s) (adalflow_side.compare); creates the
+    AdalFlow venv when missing."""
     side = adalflow_side()
-    return side.compare(af_settings(sizes), work / "adalflow", venv=venv, log=log)
+    return side.compare(af_settings(sizes), work / "adalflow", venv=venv, log=log, scenarios=AF_SCENARIOS[scenario])
 
 
 # ---------------------------------------------------------------- sections
@@ -764,6 +771,24 @@ def render_memory(r: dict, command: str, meta: dict, quick: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _af_scenario_facts(side, s: dict, scenario: str) -> dict:
+    """What the validation file of a scenario makes of the initial prompts and of proposal 1 (rev 1),
+    and where each tool's early stop can fire in file order (1-based example numbers)."""
+    rows = side.val_examples(s["val"], s["seed"], scenario)
+    n = len(rows)
+    best = sum(side.answers_right(0, r["category"]) for r in rows) / n
+    rev1 = sum(side.answers_right(1, r["category"]) for r in rows) / n
+    broken = [i + 1 for i, r in enumerate(rows) if not side.answers_right(1, r["category"])]
+    # autodiff stops once (score so far + examples left) / n <= best, i.e. after n(1 - best) wrong answers;
+    # AdalFlow's pred_step once that bound is < best, i.e. after one more wrong answer
+    need = round(n * (1 - best))
+    ours = broken[need - 1] if 0 < need <= len(broken) else None
+    theirs = broken[need] if need < len(broken) else None
+    return {"n": n, "best": best, "rev1": rev1, "broken": broken,
+            "categories": " → ".join(side.SCENARIOS[scenario]["val_categories"]), "autodiff_stop_at": ours,
+            "adalflow_stop_at": theirs}
+
+
 def render_adalflow(r: dict, command: str, meta: dict, quick: bool) -> str:
     name = SECTION_NAMES["adalflow"]
     side = adalflow_side()
@@ -774,6 +799,9 @@ def render_adalflow(r: dict, command: str, meta: dict, quick: bool) -> str:
                 f"{v.get('tiktoken')}, Python {v.get('python')}")
     lines = _head(name, command, meta, quick)
     target = TARGETS["adalflow_ratio"]
+    runs = r["runs"]
+    scenarios = list(runs)
+    facts = {sc: _af_scenario_facts(side, s, sc) for sc in scenarios}
     lines += [
         "Both tools trained the same two pipelines against one fake OpenAI-compatible server "
         "(`autodiff_cli/llm/fake_server.py`, subclassed in `benchmarks/perf/adalflow_side.py` to answer the "
@@ -782,7 +810,9 @@ def render_adalflow(r: dict, command: str, meta: dict, quick: bool) -> str:
         "instruction, a last-integer parser, exact match; **chain** = three LLM nodes (`listing` → `tally` → "
         "`answer`), each with its own trainable instruction, then the parser and exact match. autodiff ran "
         "`autodiff train` (a subprocess); AdalFlow ran `Trainer.fit` (`benchmarks/perf/adalflow_step.py`, in its "
-        "own venv, nothing patched), one after the other on the same server.",
+        "own venv, nothing patched), one after the other on the same server, in "
+        + (f"two scenarios (`{'`, `'.join(scenarios)}`, below)" if len(scenarios) > 1 else f"the `{scenarios[0]}` scenario (below)")
+        + ".",
         "",
         "| setting | autodiff | AdalFlow 1.1.3 |",
         "|---|---|---|",
@@ -796,37 +826,76 @@ def render_adalflow(r: dict, command: str, meta: dict, quick: bool) -> str:
         "| method | mode `autodiff` (moving batch, two-stage validation) | strategy `constrained` (the same scheme) |",
         "| loss feedback | template (the default with exact match: no model call) | `EvalFnToTextLoss` (a backward-engine call per subset example) |",
         "| call cache | on (the default), a fresh directory | `Generator(use_cache=True)` (the default), a fresh `~/.adalflow` |",
+        "| early stop of a proposal's validation | `stop_unless_above` = the best score: stops once the proposal can no longer end strictly above it, cancelling the outstanding calls | its own, as the constrained step calls it: `validation_step(minimum_score=last_val_score)`; `pred_step` stops scoring once the best possible score is below it |",
         "",
-        "The fake model makes every step the same in both tools: the initial prompts fail 2/3 of the training "
-        "questions; proposal 1 of each step fixes them (it beats the subset) but breaks another category, so "
-        "it only ties the validation score and is rejected; proposal 2 fails the subset check. So each step is "
-        "forward on the batch, backward on the subset, two optimizer rounds, two subset checks and one "
-        "validation; nothing is accepted. Each step's proposals carry a new tag, so no step is served from "
+        "**Scenario `tie`.** The fake model makes every step the same in both tools: the initial prompts fail 2/3 "
+        "of the training questions; proposal 1 of each step fixes them (it beats the subset) but breaks another "
+        "category, so it only ties the validation score and is rejected; proposal 2 fails the subset check. So "
+        "each step is forward on the batch, backward on the subset, two optimizer rounds, two subset checks and "
+        "one validation; nothing is accepted. Each step's proposals carry a new tag, so no step is served from "
         "another step's cache (a step may reuse its own tool's cached backward calls for examples kept in the "
         "moving batch, which both tools do: the per-step table gives autodiff's count, AdalFlow does not "
-        "report its own). Calls are the requests the server received, per step window, by role (see below).",
+        "report its own). Calls are the requests the server received, per step window, by role (see below). "
+        "This is the worst case for autodiff's early stop: a tie can only be known once the last example of "
+        "the broken category has been scored.",
         "",
-        "| pipeline | tool | steps | wall per step (mean) | min – max | task calls | backward calls | optimizer calls | all calls |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "**Scenario `worse`.** Everything is the same (training file, fake model, pipelines, settings, role "
+        "classification) except the validation file's mix of categories: half of it asks about the category "
+        "proposal 1 breaks, so proposal 1 still beats the subset but is then clearly worse on validation than "
+        "the initial prompts, which is what most proposals that pass the subset do in real runs. Both tools do "
+        "the same logical work per step as in `tie`; autodiff may cancel the doomed validation once it can no "
+        "longer win (the feature under test), AdalFlow runs its validation as its code does.",
+        "",
+        "| scenario | validation file, categories in turn (file order, no shuffle) | initial prompts | proposal 1 (if fully scored) | examples proposal 1 gets wrong (numbers in file order) | autodiff's bound crossed at example | AdalFlow's `pred_step` stops scoring at example |",
+        "|---|---|---:|---:|---|---:|---:|",
     ]
-    means: dict[str, dict[str, dict]] = {}
-    for pipeline, by_tool in r["runs"].items():
-        for tool in ("adalflow", "autodiff"):
-            if tool not in by_tool:
-                continue
-            m = means.setdefault(pipeline, {})[tool] = side.mean_step(by_tool[tool])
-            c = m["calls"]
-            label = "AdalFlow 1.1.3" if tool == "adalflow" else "autodiff"
-            lines.append(f"| {pipeline} | {label} | {m['steps']} | {_s(m['wall_s'])} | {_s(m['min_s'])} – "
-                         f"{_s(m['max_s'])} | {c['task']:.1f} | {c['backward']:.1f} | {c['optimizer']:.1f} "
-                         f"| {sum(c.values()):.1f} |")
-    lines.append("")
-    for pipeline, ratio in r.get("ratios", {}).items():
-        a, b = means[pipeline]["adalflow"], means[pipeline]["autodiff"]
-        lines.append(f"- **{pipeline}**: AdalFlow's step takes **{ratio['wall_ratio']:.2f}×** autodiff's "
-                     f"(target ≥ {target:g}×: {_verdict(ratio['wall_ratio'] >= target)}); backward calls per step "
-                     f"{a['calls']['backward']:.1f} vs {b['calls']['backward']:.1f} (fewer: "
-                     f"{_verdict(ratio['backward_fewer'])}).")
+    for sc, f in facts.items():
+        broken = f["broken"]
+        where = (", ".join(map(str, broken)) if len(broken) <= 8 else
+                 f"every {broken[1] - broken[0]}{'nd' if broken[1] - broken[0] == 2 else 'rd' if broken[1] - broken[0] == 3 else 'th'}"
+                 f" from {broken[0]}: {', '.join(map(str, broken[:3]))}, …, {broken[-1]} ({len(broken)} of {f['n']})")
+        lines.append(f"| {sc} | {f['categories']} | {f['best']:.3f} | {f['rev1']:.3f} | {where} "
+                     f"| {f['autodiff_stop_at'] or '–'} of {f['n']} | "
+                     f"{(str(f['adalflow_stop_at']) + ' of ' + str(f['n'])) if f['adalflow_stop_at'] else 'never (a tie never falls below)'} |")
+    lines += [
+        "",
+        "The bound columns count examples in file order (both tools submit the examples in file order; when "
+        "each example's answer arrives depends on how the tool schedules its calls, below). The broken "
+        "category is spread evenly through the file, so neither tool meets it all at the start or all at the "
+        "end.",
+        "",
+        "| scenario | pipeline | tool | steps | wall per step (mean) | min – max | task calls | of which cancelled by the client | backward calls | optimizer calls | all calls |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    means: dict[str, dict[str, dict[str, dict]]] = {}
+    for sc, by_pipeline in runs.items():
+        for pipeline, by_tool in by_pipeline.items():
+            for tool in ("adalflow", "autodiff"):
+                if tool not in by_tool:
+                    continue
+                m = means.setdefault(sc, {}).setdefault(pipeline, {})[tool] = side.mean_step(by_tool[tool])
+                c = m["calls"]
+                label = "AdalFlow 1.1.3" if tool == "adalflow" else "autodiff"
+                lines.append(f"| {sc} | {pipeline} | {label} | {m['steps']} | {_s(m['wall_s'])} | {_s(m['min_s'])} – "
+                             f"{_s(m['max_s'])} | {c['task']:.1f} | {m['cancelled']['task']:.1f} | {c['backward']:.1f} "
+                             f"| {c['optimizer']:.1f} | {sum(c.values()):.1f} |")
+    lines += [
+        "",
+        "Calls are counted on the server, per step window: a call the client cancelled counts (the server "
+        "received it); the cancelled column says how many of them the client gave up on before the answer was "
+        "due (it closed the connection; the server logs such a request as cancelled, and its busy time ends "
+        "there). " + _af_cancel_sentence(runs, means),
+        "",
+        "| scenario | pipeline | AdalFlow wall per step | autodiff wall per step | AdalFlow ÷ autodiff | target ≥ "
+        f"{target:g}× | backward calls per step (AdalFlow / autodiff) | fewer backward calls |",
+        "|---|---|---:|---:|---:|---|---:|---|",
+    ]
+    for sc, by_pipeline in r.get("ratios", {}).items():
+        for pipeline, ratio in by_pipeline.items():
+            a, b = means[sc][pipeline]["adalflow"], means[sc][pipeline]["autodiff"]
+            lines.append(f"| {sc} | {pipeline} | {_s(a['wall_s'])} | {_s(b['wall_s'])} | **{ratio['wall_ratio']:.2f}×** "
+                         f"| {_verdict(ratio['wall_ratio'] >= target)} | {a['calls']['backward']:.1f} / "
+                         f"{b['calls']['backward']:.1f} | {_verdict(ratio['backward_fewer'])} |")
     lines += [
         "",
         "Where a step's time goes (mean per step, from the server's log: seconds during which at least one "
@@ -834,71 +903,89 @@ def render_adalflow(r: dict, command: str, meta: dict, quick: bool) -> str:
         "requests — prompt rendering, parsing, bookkeeping, thread/event-loop scheduling; the roles overlap "
         "little, so the columns roughly add up to the wall time):",
         "",
-        "| pipeline | tool | wall | task busy | of which validation (calls) | backward busy | optimizer busy | no request in flight | most in flight: task / backward / optimizer |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| scenario | pipeline | tool | wall | task busy | of which validation (calls received, cancelled) | backward busy | optimizer busy | no request in flight | most in flight: task / backward / optimizer |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for pipeline, by_tool in means.items():
-        for tool, m in by_tool.items():
-            b, f = m["busy_s"], m["max_in_flight"]
-            label = "AdalFlow 1.1.3" if tool == "adalflow" else "autodiff"
-            lines.append(f"| {pipeline} | {label} | {_s(m['wall_s'])} | {_s(b['task'])} | {_s(m['val_busy_s'])} "
-                         f"({m['val_calls']:.1f}) | {_s(b['backward'])} | {_s(b['optimizer'])} | {_s(m['idle_s'])} "
-                         f"| {f['task']} / {f['backward']} / {f['optimizer']} |")
+    for sc, by_pipeline in means.items():
+        for pipeline, by_tool in by_pipeline.items():
+            for tool, m in by_tool.items():
+                b, f = m["busy_s"], m["max_in_flight"]
+                label = "AdalFlow 1.1.3" if tool == "adalflow" else "autodiff"
+                lines.append(f"| {sc} | {pipeline} | {label} | {_s(m['wall_s'])} | {_s(b['task'])} | "
+                             f"{_s(m['val_busy_s'])} ({m['val_calls']:.1f}, {m['val_cancelled']:.1f}) | "
+                             f"{_s(b['backward'])} | {_s(b['optimizer'])} | {_s(m['idle_s'])} "
+                             f"| {f['task']} / {f['backward']} / {f['optimizer']} |")
     lines.append("")
-    for pipeline, by_tool in means.items():
-        if set(by_tool) != {"adalflow", "autodiff"}:
-            continue
-        a, b = by_tool["adalflow"], by_tool["autodiff"]
-        d = {k: a["busy_s"][k] - b["busy_s"][k] for k in side.ROLES}
-        lines.append(
-            f"- **{pipeline}**: AdalFlow spends {_s(a['wall_s'] - b['wall_s'])} more per step: backward "
-            f"{d['backward']:+.2f} s (AdalFlow sends backward calls one at a time, at most "
-            f"{a['max_in_flight']['backward']} in flight, vs {b['max_in_flight']['backward']} in ours; it also asks "
-            f"its backward engine for the loss feedback of every subset example), optimizer {d['optimizer']:+.2f} s "
-            f"(AdalFlow proposes one parameter after another: at most {a['max_in_flight']['optimizer']} in flight, "
-            f"vs {b['max_in_flight']['optimizer']}), task {d['task']:+.2f} s, client work with nothing in flight "
-            f"{a['idle_s'] - b['idle_s']:+.2f} s. Task calls: {a['calls']['task']:.1f} vs {b['calls']['task']:.1f} "
-            f"per step, at the same worker count in both tools: in autodiff they are "
-            f"{b['busy_s']['task'] / b['wall_s']:.0%} of the step, a floor that no change to the backward or "
-            f"the optimizer can lower; the validation of proposal 1 alone is {b['val_busy_s'] / b['wall_s']:.0%}. "
-            f"The rest of the step (wall minus validation busy time) takes {_s(a['wall_s'] - a['val_busy_s'])} in "
-            f"AdalFlow and {_s(b['wall_s'] - b['val_busy_s'])} in autodiff: "
-            f"{(a['wall_s'] - a['val_busy_s']) / (b['wall_s'] - b['val_busy_s']):.2f}×. Even if autodiff's "
-            f"backward, optimizer and client time were zero, its step could not be shorter than its task calls, "
-            f"so on these steps the ratio cannot exceed {a['wall_s'] / b['busy_s']['task']:.2f}×.")
-    if any(not ratio["wall_ratio"] or ratio["wall_ratio"] < target for ratio in r.get("ratios", {}).values()):
+    for sc, by_pipeline in means.items():
+        for pipeline, by_tool in by_pipeline.items():
+            if set(by_tool) != {"adalflow", "autodiff"}:
+                continue
+            a, b = by_tool["adalflow"], by_tool["autodiff"]
+            d = {k: a["busy_s"][k] - b["busy_s"][k] for k in side.ROLES}
+            lines.append(
+                f"- **{sc} / {pipeline}**: AdalFlow spends {_s(a['wall_s'] - b['wall_s'])} more per step: backward "
+                f"{d['backward']:+.2f} s (AdalFlow sends backward calls one at a time, at most "
+                f"{a['max_in_flight']['backward']} in flight, vs {b['max_in_flight']['backward']} in ours; it also "
+                f"asks its backward engine for the loss feedback of every subset example), optimizer "
+                f"{d['optimizer']:+.2f} s (AdalFlow proposes one parameter after another: at most "
+                f"{a['max_in_flight']['optimizer']} in flight, vs {b['max_in_flight']['optimizer']}), task "
+                f"{d['task']:+.2f} s (of which validation {a['val_busy_s'] - b['val_busy_s']:+.2f} s: "
+                f"{a['val_calls']:.1f} vs {b['val_calls']:.1f} validation calls received), client work with nothing "
+                f"in flight {a['idle_s'] - b['idle_s']:+.2f} s. Task calls: {a['calls']['task']:.1f} vs "
+                f"{b['calls']['task']:.1f} per step, at the same worker count in both tools: in autodiff they are "
+                f"{b['busy_s']['task'] / b['wall_s']:.0%} of the step, a floor that no change to the backward or "
+                f"the optimizer can lower; the validation of proposal 1 alone is {b['val_busy_s'] / b['wall_s']:.0%}. "
+                f"The rest of the step (wall minus validation busy time) takes {_s(a['wall_s'] - a['val_busy_s'])} "
+                f"in AdalFlow and {_s(b['wall_s'] - b['val_busy_s'])} in autodiff: "
+                f"{(a['wall_s'] - a['val_busy_s']) / (b['wall_s'] - b['val_busy_s']):.2f}×. Even if autodiff's "
+                f"backward, optimizer and client time were zero, its step could not be shorter than its task calls, "
+                f"so on these steps the ratio cannot exceed {a['wall_s'] / b['busy_s']['task']:.2f}×.")
+    missed = {sc for sc, by_pipeline in r.get("ratios", {}).items()
+              for ratio in by_pipeline.values() if not ratio["wall_ratio"] or ratio["wall_ratio"] < target}
+    if missed:
         lines += [
             "",
-            f"Why the {target:g}× target is missed: the worker count is the same in both tools, so the task calls "
-            "of a step (forward on the batch, the subset checks, the validation) take the same time in both; "
-            "autodiff's gains are in what AdalFlow does one call at a time (the backward pass, one parameter's "
-            "proposal after another) and in fewer backward calls, and those are the smaller part of a step that "
-            "validates a proposal. The bound above says how far any change to autodiff's backward or optimizer "
-            "could go on such steps.",
+            f"Why the {target:g}× target is missed ({', '.join(f'`{sc}`' for sc in scenarios if sc in missed)}): "
+            "the worker count is the same in both tools, so the task calls of a step (forward on the batch, the "
+            "subset checks, the validation) take the same time in both; autodiff's gains are in what AdalFlow does "
+            "one call at a time (the backward pass, one parameter's proposal after another) and in fewer backward "
+            "calls, and those are the smaller part of a step that validates a proposal. The bound above says how "
+            "far any change to autodiff's backward or optimizer could go on such steps."
+            + (" In `worse`, autodiff's early stop also cuts the validation of the doomed proposal short (the "
+               "validation columns above), which AdalFlow's does not: what is left of autodiff's step is still "
+               "the forward pass on the batch, the two subset checks and the part of the validation before the "
+               "bound is crossed, all task calls at the same worker count." if "worse" in missed else ""),
         ]
+    lines += _af_early_stop_lines(runs, facts)
     lines += [
         "",
-        "Per step (server-side calls by role task/backward/optimizer; the outcome of the proposals):",
+        "Per step (server-side calls by role task/backward/optimizer, and how many of them the client "
+        "cancelled; the outcome of the proposals):",
         "",
-        "| pipeline | tool | step | wall | calls t/b/o | outcome |",
-        "|---|---|---:|---:|---:|---|",
+        "| scenario | pipeline | tool | step | wall | calls t/b/o | cancelled | outcome |",
+        "|---|---|---|---:|---:|---:|---:|---|",
     ]
-    for pipeline, by_tool in r["runs"].items():
-        for tool in ("adalflow", "autodiff"):
-            if tool not in by_tool:
-                continue
-            for st in by_tool[tool]["steps"]:
-                c = st["calls"]
-                if tool == "autodiff":
-                    outcome = "; ".join(p["reason"] for p in st.get("proposals") or []) or (st.get("skipped") or "–")
-                    if st.get("cached_calls"):
-                        outcome += f" ({st['cached_calls']} calls from its cache)"
-                else:
-                    pr = st.get("proposals") or {}
-                    outcome = ", ".join(f"{stage} {v['pass']} passed / {v['fail']} failed" for stage, v in pr.items())
-                label = "AdalFlow 1.1.3" if tool == "adalflow" else "autodiff"
-                lines.append(f"| {pipeline} | {label} | {st['step']} | {_s(st['wall_s'])} | "
-                             f"{c['task']}/{c['backward']}/{c['optimizer']} | {outcome} |")
+    for sc, by_pipeline in runs.items():
+        for pipeline, by_tool in by_pipeline.items():
+            for tool in ("adalflow", "autodiff"):
+                if tool not in by_tool:
+                    continue
+                for st in by_tool[tool]["steps"]:
+                    c = st["calls"]
+                    if tool == "autodiff":
+                        outcome = "; ".join(p["reason"] for p in st.get("proposals") or []) or (st.get("skipped") or "–")
+                        if st.get("cached_calls"):
+                            outcome += f" ({st['cached_calls']} calls from its cache)"
+                    else:
+                        pr = st.get("proposals") or {}
+                        outcome = ", ".join(f"{stage} {x['pass']} passed / {x['fail']} failed" for stage, x in pr.items())
+                        for val in st.get("validations") or []:
+                            outcome += (f"; its validation scored {val['scored']} of {val['examples']} examples "
+                                        f"({val['score']:.3f}) and returned after {val['end'] - val['start']:.2f} s")
+                    label = "AdalFlow 1.1.3" if tool == "adalflow" else "autodiff"
+                    lines.append(f"| {sc} | {pipeline} | {label} | {st['step']} | {_s(st['wall_s'])} | "
+                                 f"{c['task']}/{c['backward']}/{c['optimizer']} | {sum(st['cancelled'].values())} "
+                                 f"| {outcome} |")
     lines += [
         "",
         "How requests are classified (on the server, from the text of all messages): *backward* = autodiff's "
@@ -927,6 +1014,84 @@ def render_adalflow(r: dict, command: str, meta: dict, quick: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _af_cancel_sentence(runs: dict, means: dict) -> str:
+    parts = []
+    for sc, by_pipeline in runs.items():
+        for pipeline, by_tool in by_pipeline.items():
+            for tool, run in by_tool.items():
+                total = sum(sum(st["calls"].values()) for st in run["steps"])
+                cancelled = sum(sum(st["cancelled"].values()) for st in run["steps"])
+                label = "AdalFlow" if tool == "adalflow" else "autodiff"
+                if tool == "autodiff" or cancelled:
+                    parts.append(f"{sc}/{pipeline} {label} {cancelled} of {total}")
+    return ("Over all the steps, calls cancelled by the client of the calls received: " + "; ".join(parts) +
+            " (AdalFlow never cancels a call; it is listed only where it did)." if parts else "")
+
+
+def _af_early_stop_lines(runs: dict, facts: dict) -> list[str]:
+    """How each tool's early stop behaved on the validations of proposal 1."""
+    out = ["", "The validation of proposal 1, per scenario and pipeline (all steps):", "",
+           "| scenario | pipeline | tool | validations stopped early | validation calls received per step | of which cancelled | examples scored per validation | validation busy per step | chain: `listing` calls sent before the first `answer` call |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for sc, by_pipeline in runs.items():
+        n = facts[sc]["n"]
+        for pipeline, by_tool in by_pipeline.items():
+            for tool in ("adalflow", "autodiff"):
+                if tool not in by_tool:
+                    continue
+                steps = by_tool[tool]["steps"]
+                k = len(steps) or 1
+                calls = sum(st["val_calls"] for st in steps) / k
+                cancelled = sum(st["val_cancelled"] for st in steps) / k
+                busy = sum(st["val_busy_s"] for st in steps) / k
+                if tool == "autodiff":
+                    firsts = [p for st in steps for p in (st.get("proposals") or []) if "validation" in (p["reason"] or "")]
+                    stopped = sum(1 for p in firsts if p.get("stopped_early"))
+                    scored = "–"
+                    label = "autodiff"
+                    early = f"{stopped} of {len(firsts)}"
+                else:
+                    vals = [v for st in steps for v in (st.get("validations") or [])]
+                    stopped = sum(1 for v in vals if v["scored"] < v["examples"])
+                    scored = (f"{sum(v['scored'] for v in vals) / len(vals):.1f} of {n}" if vals else "–")
+                    label = "AdalFlow 1.1.3"
+                    early = f"{stopped} of {len(vals)} (scoring only)"
+                order = [st.get("val_first_before_last") for st in steps]
+                order = "–" if not order or None in order else f"{sum(order) / len(order):.1f} of {n}"
+                out.append(f"| {sc} | {pipeline} | {label} | {early} | {calls:.1f} | {cancelled:.1f} | {scored} "
+                           f"| {_s(busy)} | {order} |")
+    # the chain's validation in autodiff sent every `listing` call before the first `answer` call, every step
+    breadth_first = any(
+        by_pipeline.get("chain", {}).get("autodiff") for by_pipeline in runs.values()) and all(
+        st.get("val_first_before_last") == facts[sc]["n"]
+        for sc, by_pipeline in runs.items() for st in (by_pipeline.get("chain", {}).get("autodiff") or {}).get("steps", []))
+    # AdalFlow's server-side validation calls: every example's every node, in every step
+    side = adalflow_side()
+    adal_full = all(st["val_calls"] == facts[sc]["n"] * len(side.PIPELINES[pipeline]["nodes"])
+                    for sc, by_pipeline in runs.items() for pipeline, by_tool in by_pipeline.items()
+                    for st in (by_tool.get("adalflow") or {}).get("steps", []))
+    out += ["", ("AdalFlow's early stop (`pred_step`'s `break` once the best possible score is below "
+            "`minimum_score`) stops the scoring loop, not the calls: every example was submitted to its "
+            "`ThreadPoolExecutor` up front, and leaving the `with` block waits for all of them (`shutdown(wait=True)`), "
+            "so the server received every validation call of every step and the step waits for the last answer (the "
+            "time its `validation_step` took is in the per-step table). " if adal_full else
+            "AdalFlow's validation calls received per step are in the table above. ") +
+            "autodiff's early stop cancels the examples in flight and never sends the rest; the calls it had sent "
+            "count above even when it cancelled them.",
+            ] + ([] if not breadth_first else [
+            "",
+            "How early autodiff's bound is crossed depends on when examples finish. In the single pipeline an "
+            "example is one call, so examples finish in file order. In the chain an example is three calls in a "
+            "row, and the two tools order them differently (last column): AdalFlow's 4 worker threads each take "
+            "one example through `listing` → `tally` → `answer`, so examples finish one after another; autodiff's "
+            "evaluation (`autodiff_cli/evaluate.py`) starts every example at once and the task model's 4 slots "
+            "serve calls in the order they ask, so every example's `listing` call is sent before the first "
+            "`answer` call (breadth-first). No example is scored until the last third of its calls, so in "
+            "`worse` the bound is crossed only during the `answer` calls, and the early stop saves the "
+            "`answer` calls of the examples not yet sent."])
+    return out
+
+
 RENDER = {"concurrency": render_concurrency, "overhead": render_overhead, "cache": render_cache,
           "memory": render_memory, "adalflow": render_adalflow}
 MEASURE = {"concurrency": bench_concurrency, "overhead": bench_overhead, "cache": bench_cache,
@@ -948,7 +1113,7 @@ def _meta() -> dict:
 
 
 def run_benchmarks(sizes: Sizes, work: Path, only: list[str] | None = None,
-                   adalflow_venv: Path | None = None) -> dict[str, dict]:
+                   adalflow_venv: Path | None = None, adalflow_scenario: str = "both") -> dict[str, dict]:
     """Measure; {bench: {"result": ..., "meta": ...}} in BENCHES order."""
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     out: dict[str, dict] = {}
@@ -957,7 +1122,7 @@ def run_benchmarks(sizes: Sizes, work: Path, only: list[str] | None = None,
             continue
         meta = _meta()
         if bench == "adalflow":
-            result = bench_adalflow(sizes, work, adalflow_venv)
+            result = bench_adalflow(sizes, work, adalflow_venv, adalflow_scenario)
         else:
             result = MEASURE[bench](sizes, work)
         out[bench] = {"meta": meta, "result": result}
@@ -981,6 +1146,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--adalflow-venv", type=Path, default=None, metavar="DIR",
                     help="the AdalFlow 1.1.3 virtual environment, created when missing "
                          "(default: benchmarks/work/adalflow-venv)")
+    ap.add_argument("--adalflow-scenario", choices=tuple(AF_SCENARIOS), default="both",
+                    help="figure 2's scenario: `tie` (proposal 1 ties the validation score), `worse` (it is "
+                         "clearly worse on validation) or `both` (the default)")
     ap.add_argument("--json", action="store_true", help="also print the raw measurements as JSON")
     ap.add_argument("--memory-child", type=Path, default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -1000,7 +1168,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             work = args.work.resolve()
             work.mkdir(parents=True, exist_ok=True)
-        measured = run_benchmarks(sizes, work, args.only, args.adalflow_venv)
+        measured = run_benchmarks(sizes, work, args.only, args.adalflow_venv, args.adalflow_scenario)
     sections = render(measured, command, args.quick)
     if args.json:
         print(json.dumps({b: m["result"] for b, m in measured.items()}, indent=2, default=str))
