@@ -188,6 +188,21 @@ def test_odd_yaml_keys_and_recursive_aliases_are_refused_cleanly(project):
     assert r.code == 2 and "Traceback" not in r.stderr + r.stdout
 
 
+def test_an_alias_bomb_in_free_form_extra_is_refused_before_anything_expands_it(project):
+    # `extra` takes any YAML, so a "billion laughs" there would pass the schema and only blow up
+    # when the cache key or the run's config.yaml expands it: the loader counts expanded values
+    bomb = "    extra:\n      l0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"      l{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]\n" for i in range(1, 9))
+    text = edit(BASE, "  task: {model: fake/script.yaml, temperature: 0}\n",
+                "  task:\n    model: fake/script.yaml\n" + bomb)
+    r, spec = validate(project, text)
+    assert_refused(r, f"{spec}:{line_of(text, 'l4:')}", "models.task.extra.l4", "at most 100,000 values",
+                   "111,111 values once its aliases")
+    r, spec = validate(project, edit(BASE, "  task: {model: fake/script.yaml, temperature: 0}\n",
+                                     "  task: &t {model: fake/script.yaml, extra: {me: *t}}\n"))
+    assert_refused(r, f"{spec}:3", "models.task.extra.me", "never ends (it contains itself)")
+
+
 # ---------------------------------------------------------------- schema
 
 
@@ -235,6 +250,19 @@ def test_bad_kind(project):
     r, spec = validate(project, text)
     assert_refused(r, f"{spec}:{line_of(text, 'kind: func')}", "nodes.parse.kind",
                    "`kind: llm`, `kind: function` or `kind: loop`", "got 'func'")
+
+
+@pytest.mark.parametrize("pasted", ["sk-live-1234567890abcdef", "AIzaSyD4x9Qm2Lk7pWv3Hn8RtY6bC1eF0gJ5sU"])
+def test_a_key_pasted_as_api_key_env_is_refused_and_never_echoed(project, pasted):
+    # the second one is letters and digits only, like some providers' keys: a valid env-var name
+    text = edit(BASE, "temperature: 0}", f"temperature: 0, api_key_env: {pasted}}}")
+    r, spec = validate(project, text)
+    assert_refused(r, f"{spec}:3", "models.task.api_key_env", "the NAME of an environment variable",
+                   "not shown: it may be the key itself")
+    assert pasted not in r.stdout + r.stderr
+    for name in ("OPENAI_API_KEY", "my_key_2", "TOGETHERAI_API_KEY"):  # real names pass the check (and are unset)
+        r, _ = validate(project, edit(BASE, "temperature: 0}", f"temperature: 0, api_key_env: {name}}}"))
+        assert f"the environment variable {name} (holding the API key) is not set" in r.stderr, r.stderr
 
 
 def test_literal_api_key_is_refused_and_never_echoed(project):

@@ -92,6 +92,41 @@ def _walk_lines(node: yaml.Node, path: KeyPath, lines: dict, file: Path, walked:
             _walk_lines(item, path + (i,), lines, file, walked)
 
 
+MAX_EXPANDED_NODES = 100_000  # far above any real spec; aliases can make a small file expand without bound
+
+
+def _check_expanded_size(node: yaml.Node, path: KeyPath, file: Path) -> None:
+    """Refuse a document whose aliases expand to more than MAX_EXPANDED_NODES values ("billion
+    laughs"): a cache key, a run's config.yaml or a template would have to expand it. The error
+    names the innermost key whose value alone is too big."""
+    sizes: dict[int, float] = {}
+
+    def size(n: yaml.Node) -> float:
+        if id(n) not in sizes:
+            sizes[id(n)] = float("inf")  # while in progress: a node that contains itself never ends
+            children = ([v for pair in n.value for v in pair] if isinstance(n, yaml.MappingNode)
+                        else n.value if isinstance(n, yaml.SequenceNode) else [])
+            sizes[id(n)] = min(1 + sum(size(c) for c in children), float("inf"))
+        return sizes[id(n)]
+
+    if size(node) <= MAX_EXPANDED_NODES:
+        return
+    visited: set[int] = set()
+    while id(node) not in visited:  # descend to the innermost key that is too big on its own
+        visited.add(id(node))
+        items = (node.value if isinstance(node, yaml.MappingNode)
+                 else list(enumerate(node.value)) if isinstance(node, yaml.SequenceNode) else [])
+        big = [(k, v) for k, v in items if size(v) > MAX_EXPANDED_NODES]
+        if not big:
+            break
+        key, node = big[0]
+        path += (key.value if isinstance(key, yaml.ScalarNode) else key,)
+    got = "a value that never ends (it contains itself)" if size(node) == float("inf") else \
+        f"{size(node):,.0f} values once its aliases (*name) are expanded"
+    raise SpecError(file=file, line=node.start_mark.line + 1, key=key_text(path) or None,
+                    expected=f"at most {MAX_EXPANDED_NODES:,} values", got=got)
+
+
 def _check_text(node: yaml.ScalarNode, path: KeyPath, file: Path) -> None:
     try:
         node.value.encode("utf-8")
@@ -123,6 +158,7 @@ def read_yaml(path: Path) -> tuple[Any, dict[KeyPath, int]]:
             raise SpecError(file=path, line=1, expected="a YAML mapping of spec keys", got="an empty file")
         lines: dict[KeyPath, int] = {(): node.start_mark.line + 1}
         _walk_lines(node, (), lines, path)
+        _check_expanded_size(node, (), path)
         data = loader.construct_document(node)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)

@@ -31,6 +31,13 @@ def spec_value_error(expected: str, got: str, key: str | None = None) -> Pydanti
                                {"expected": expected, "got": got, "key": key})
 
 
+def _looks_like_a_key(name: str) -> bool:
+    """A long run of mixed-case letters and digits is a key pasted where its variable's name goes;
+    variable names are words (OPENAI_API_KEY, my_key_2)."""
+    return (len(name) >= 20 and "_" not in name and any(c.isdigit() for c in name)
+            and any(c.islower() for c in name) and any(c.isupper() for c in name))
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -143,7 +150,8 @@ class ModelConfig(Strict):
     @field_validator("api_key_env", mode="before")
     @classmethod
     def _env_name_not_a_key(cls, value: Any) -> Any:
-        if isinstance(value, str) and not re.fullmatch(NAME_PATTERN, value):  # never echo it: it may be the key
+        if isinstance(value, str) and (not re.fullmatch(NAME_PATTERN, value) or _looks_like_a_key(value)):
+            # never echo it: it may be the key (some keys are letters and digits only)
             raise spec_value_error("the NAME of an environment variable (letters, digits and _), e.g. OPENAI_API_KEY",
                                    "something else (not shown: it may be the key itself)")
         return value
