@@ -177,8 +177,8 @@ def test_the_role_classifier_knows_both_tools_meta_prompts(side):
 
 def test_the_fake_model_makes_every_step_alike(side):
     """Initial prompts fail 2/3 of train; rev 1 fixes train but only ties validation; rev 2 fails all of train."""
-    train = side.make_examples("train", 30, ["fruits", "vegetables", "vegetables"], 0)
-    val = side.make_examples("val", 24, list(side.CATEGORIES), 0)
+    train = side.make_examples("train", 30, list(side.TRAIN_CATEGORIES), 0)
+    val = side.val_examples(24, 0, "tie")
     for row in train + val:
         assert side.parse_question(row["question"]) == (row["category"], int(row["answer"]))
 
@@ -189,6 +189,51 @@ def test_the_fake_model_makes_every_step_alike(side):
     assert score(train, 1) == 1.0 and score(train, 2) == 0.0
     assert score(val, 0) == score(val, 1) == pytest.approx(2 / 3)  # rev 1 ties: rejected
     assert score(val, 2) == pytest.approx(1 / 3)
+    # interleaved in file order, no shuffle: every third example is the category rev 1 breaks, the last one too
+    assert [r["category"] for r in val[:3]] * 8 == [r["category"] for r in val]
+    assert [i for i, r in enumerate(val) if not side.answers_right(1, r["category"])] == list(range(2, 24, 3))
+    assert [r["id"] for r in val] == sorted(r["id"] for r in val)
+
+
+def _stop_after(side, rows, best):
+    """How many examples (in file order) rev 1 takes to cross autodiff's bound (`stop_unless_above`)."""
+    n, score = len(rows), 0
+    for i, r in enumerate(rows, 1):
+        score += side.answers_right(1, r["category"])
+        if (score + n - i) / n <= best:
+            return i
+    return None
+
+
+def test_the_worse_scenario_differs_only_in_the_validation_mix(side):
+    """Same training file and fake model; rev 1 still beats the subset but is clearly worse on validation,
+    and the category it breaks (half the file) is spread evenly, so the bound is crossed halfway through."""
+    tie, worse = side.val_examples(24, 0, "tie"), side.val_examples(24, 0, "worse")
+    assert [r["category"] for r in worse[:4]] == ["fruits", "musical instruments", "vegetables", "musical instruments"]
+    assert [r["category"] for r in worse[:4]] * 6 == [r["category"] for r in worse]
+    broken = [i for i, r in enumerate(worse) if not side.answers_right(1, r["category"])]
+    assert broken == list(range(1, 24, 2))  # 12 of 24: every other example from the second on
+
+    def score(rows, rev):
+        return sum(side.answers_right(rev, r["category"]) for r in rows) / len(rows)
+
+    assert score(worse, 0) == pytest.approx(3 / 4) and score(worse, 1) == pytest.approx(1 / 2)
+    assert score(worse, 2) == pytest.approx(1 / 2)
+    # autodiff's bound: after the sixth wrong answer (example 12 of 24); a tie only at the last example
+    assert _stop_after(side, worse, score(worse, 0)) == 12
+    assert _stop_after(side, tie, score(tie, 0)) == 24
+    # the training side is the same in both scenarios
+    for scenario in ("tie", "worse"):
+        assert side.val_questions(24, 0, scenario) == {side.QUESTION_RE.search(r["question"]).group(0)
+                                                       for r in side.val_examples(24, 0, scenario)}
+
+
+def test_write_data_keeps_the_training_file_and_changes_only_validation(side, tmp_path):
+    files = {sc: side.write_data(tmp_path / sc, 24, 24, 0, sc) for sc in side.SCENARIOS}
+    assert files["tie"][0].read_text() == files["worse"][0].read_text()
+    assert files["tie"][1].read_text() != files["worse"][1].read_text()
+    rows = [json.loads(line) for line in files["worse"][1].read_text().splitlines()]
+    assert [r["id"] for r in rows] == [f"val{i:03d}" for i in range(24)]  # file order = id order
 
 
 def test_the_server_answers_each_tool_in_its_own_format(side):
@@ -239,6 +284,36 @@ def test_step_accounting_counts_calls_and_busy_time_per_window(side):
     assert st["idle_s"] == pytest.approx(1.5) and st["max_in_flight"]["task"] == 2
 
 
+def test_the_server_logs_a_request_the_client_gives_up_on_as_cancelled(side):
+    import socket
+    import time
+
+    body = json.dumps({"model": "fake", "messages": [{"role": "user", "content": (
+        "[count] Count.\nI have 1 apple and 2 drums. How many fruits do I have?")}]}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with side.BenchServer(latency=1.0).in_thread() as srv:
+        srv.val_questions = {"I have 1 apple and 2 drums. How many fruits do I have?"}
+        sock = socket.create_connection(("127.0.0.1", srv.port))
+        sock.sendall(head + body)
+        time.sleep(0.2)
+        sock.close()  # what an HTTP client does when its caller cancels the call
+        for _ in range(100):
+            if srv.log() and srv.log()[0].cancelled:
+                break
+            time.sleep(0.02)
+        out = _post(srv.url + "/v1/chat/completions", json.loads(body))  # answered after the full latency
+        assert out["choices"][0]["message"]["content"].endswith("Answer: 1")
+        cancelled, answered = srv.log()
+    assert cancelled.cancelled and not answered.cancelled
+    assert cancelled.role == answered.role == "task" and cancelled.validation and cancelled.node == "count"
+    assert 0.1 < cancelled.end - cancelled.start < 0.9  # its busy time ends when the client went away
+    assert answered.end - answered.start == pytest.approx(1.0)
+    (st,) = side.step_accounting([cancelled, answered], [{"step": 1, "start": cancelled.start - 1, "end": answered.end + 1}])
+    assert st["calls"]["task"] == 2 and st["cancelled"]["task"] == 1  # received: counted; and counted apart
+    assert st["val_calls"] == 2 and st["val_cancelled"] == 1
+
+
 def test_the_adalflow_script_compiles(tmp_path):
     py_compile.compile(str(ROOT / "benchmarks" / "perf" / "adalflow_step.py"), cfile=str(tmp_path / "x.pyc"),
                        doraise=True)
@@ -248,22 +323,51 @@ def test_autodiff_side_at_quick_sizes_and_its_section(side, tmp_path):
     perf = load_perf()
     s = perf.af_settings(perf.QUICK)
     r = side.compare(s, tmp_path, tools=("autodiff",))
-    assert r["unknown_requests"] == 0
-    for pipeline, params in (("single", 1), ("chain", 3)):
-        run = r["runs"][pipeline]["autodiff"]
-        assert run["status"] == "completed" and len(run["steps"]) == s.steps
-        for st in run["steps"]:
-            # proposal 1 passes the subset and ties validation, proposal 2 fails the subset
-            first, second = st["proposals"]
-            assert first["subset"] == 1.0 and not first["accepted"] and "validation" in first["reason"]
-            assert second["subset"] == 0.0 and "subset score" in second["reason"]
-            assert st["calls"]["optimizer"] == st["client_calls"]["optimizer"] == 2 * params
-            assert st["calls"]["backward"] == st["client_calls"]["backward"] >= 0
-            assert st["calls"]["task"] >= st["client_calls"]["task"] > 0
-            assert 0 < st["busy_s"]["task"] <= st["wall_s"]
-            assert st["wall_s"] >= st["own_wall_s"] - 0.05 and st["own_wall_s"] > 0  # window = step + its writes
-        assert sum(st["calls"]["backward"] + st["cached_calls"] for st in run["steps"]) > 0
+    assert r["unknown_requests"] == 0 and r["scenarios"] == ["tie", "worse"]
+    for scenario in ("tie", "worse"):
+        for pipeline, params in (("single", 1), ("chain", 3)):
+            run = r["runs"][scenario][pipeline]["autodiff"]
+            assert run["status"] == "completed" and len(run["steps"]) == s.steps and run["scenario"] == scenario
+            for st in run["steps"]:
+                # proposal 1 passes the subset and is rejected on validation, proposal 2 fails the subset
+                first, second = st["proposals"]
+                assert first["subset"] == 1.0 and not first["accepted"] and "validation" in first["reason"]
+                assert second["subset"] == 0.0 and "subset score" in second["reason"]
+                if scenario == "worse":  # 5/6 is the best; rev 1's second example is wrong: stop at once
+                    assert first["stopped_early"] and "stopped early" in first["reason"]
+                    # calls sent before the stop may be cancelled, but fewer than all of them are answered
+                    assert st["val_calls"] - st["val_cancelled"] < s.val * params
+                else:
+                    assert st["val_calls"] - st["val_cancelled"] <= s.val * params
+                assert st["calls"]["optimizer"] == st["client_calls"]["optimizer"] == 2 * params
+                assert st["calls"]["backward"] == st["client_calls"]["backward"] >= 0
+                # calls the client cancelled are received (counted) but never completed on its side
+                assert st["cancelled"]["backward"] == st["cancelled"]["optimizer"] == 0
+                assert st["calls"]["task"] - st["cancelled"]["task"] >= st["client_calls"]["task"] > 0
+                assert st["val_cancelled"] <= st["cancelled"]["task"]
+                assert 0 < st["busy_s"]["task"] <= st["wall_s"]
+                assert st["wall_s"] >= st["own_wall_s"] - 0.05 and st["own_wall_s"] > 0  # window = step + its writes
+                if pipeline == "chain":
+                    assert 0 < st["val_first_before_last"] <= s.val
+                else:
+                    assert st["val_first_before_last"] is None
+            assert sum(st["calls"]["backward"] + st["cached_calls"] for st in run["steps"]) > 0
     section = perf.render_adalflow(r, "python benchmarks/perf/run.py --quick --only adalflow", perf._meta(), True)
     name = perf.SECTION_NAMES["adalflow"]
     assert section.startswith(f"<!-- bench:{name} -->") and section.rstrip().endswith(f"<!-- /bench:{name} -->")
-    assert "| single | autodiff | 2 |" in section and "| chain | autodiff | 2 |" in section
+    for scenario in ("tie", "worse"):
+        assert f"| {scenario} | single | autodiff | 2 |" in section and f"| {scenario} | chain | autodiff | 2 |" in section
+    assert "**Scenario `tie`.**" in section and "**Scenario `worse`.**" in section
+
+
+def test_one_scenario_alone(side, tmp_path):
+    perf = load_perf()
+    assert perf.parse_args(["--only", "adalflow"]).adalflow_scenario == "both"
+    assert perf.parse_args(["--adalflow-scenario", "worse"]).adalflow_scenario == "worse"
+    with pytest.raises(SystemExit):
+        perf.parse_args(["--adalflow-scenario", "best"])
+    r = side.compare(perf.af_settings(perf.QUICK), tmp_path, tools=("autodiff",), pipelines=("single",),
+                     scenarios=perf.AF_SCENARIOS["worse"])
+    assert list(r["runs"]) == ["worse"]
+    section = perf.render_adalflow(r, "python benchmarks/perf/run.py --quick --only adalflow", perf._meta(), True)
+    assert "| worse | single | autodiff | 2 |" in section and "| tie |" not in section
