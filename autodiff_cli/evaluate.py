@@ -13,6 +13,7 @@ from typing import Any, Callable
 from .compiler import Program
 from .data.loaders import Example
 from .engine import ForwardEngine, metric_inputs, score
+from .llm.priority import call_priority
 from .trace import Trace
 
 
@@ -79,8 +80,9 @@ async def evaluate(program: Program, examples: list[Example], values: dict[str, 
     done = errors = 0
     total_score = 0.0
 
-    async def one(example: Example) -> ExampleResult:
+    async def one(position: int, example: Example) -> ExampleResult:
         nonlocal done, errors, total_score
+        call_priority.set(position)  # earlier examples' calls go first: they finish (and score) in order
         async with gate:
             trace = await engine.run(example.id, example.fields, values)
         result = _result(program, example, trace)
@@ -92,7 +94,7 @@ async def evaluate(program: Program, examples: list[Example], values: dict[str, 
             progress(done, len(examples), errors, total_score / scored if scored else None)
         return result
 
-    tasks = [asyncio.ensure_future(one(e)) for e in examples]
+    tasks = [asyncio.ensure_future(one(i, e)) for i, e in enumerate(examples)]
     if stop_unless_above is not None:
         hopeless = asyncio.Event()
 

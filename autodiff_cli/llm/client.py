@@ -19,6 +19,7 @@ from typing import Callable, TYPE_CHECKING, Any, Mapping
 from autodiff_cli.errors import AutodiffError, ModelCallError, SpecError
 from autodiff_cli.llm import fake, local
 from autodiff_cli.llm.deployments import COOLDOWN_SECONDS, DeploymentPool
+from autodiff_cli.llm.priority import PrioritySemaphore
 from autodiff_cli.llm.ratelimit import RateLimiter, estimate_tokens
 from autodiff_cli.llm.cache import CallCache
 from autodiff_cli.llm.usage import Usage
@@ -82,7 +83,7 @@ class ModelClient:
         self.max_delay = max_delay
         self._rng = rng or random.Random()
         self._targets: dict[str, Target] = {}
-        self._semaphores: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Semaphore]] = {}
+        self._semaphores: dict[str, tuple[asyncio.AbstractEventLoop, PrioritySemaphore]] = {}
         self.before_call: Callable[[str], None] | None = None
         self._limiters: dict[str, RateLimiter] = {}
         self._pools: dict[tuple, DeploymentPool] = {}  # deployments -> pool, shared by configs that list them
@@ -321,11 +322,11 @@ class ModelClient:
             self._limiters[target.name] = RateLimiter(cfg.rpm, cfg.tpm)
         return self._limiters[target.name]
 
-    def _semaphore(self, target: Target) -> asyncio.Semaphore:
+    def _semaphore(self, target: Target) -> PrioritySemaphore:
         loop = asyncio.get_running_loop()
         held = self._semaphores.get(target.name)
         if held is None or held[0] is not loop:  # semaphores belong to one event loop
-            held = (loop, asyncio.Semaphore(self.concurrency or target.cfg.capacity()))
+            held = (loop, PrioritySemaphore(self.concurrency or target.cfg.capacity()))
             self._semaphores[target.name] = held
         return held[1]
 
