@@ -185,11 +185,11 @@ def runs_list_command(runs_dir: Path, json_out: bool) -> None:
     if not rows:
         print(f"no run directories in {runs_dir}", file=sys.stderr)
         return
-    headers = ["run", "date (UTC)", "status", "best val", "best test", "steps", "cost"]
+    headers = ["run", "date (UTC)", "status", "mode", "best val", "best test", "steps", "cost"]
     table = []
     for r in rows:
         date = r["date"].replace("T", " ").rstrip("Z") if r["date"] else "-"
-        table.append([r["run"], date, r["status"], fmt_score(r["best_val"]), fmt_score(r["best_test"]),
+        table.append([r["run"], date, r["status"], r["mode"] or "-", fmt_score(r["best_val"]), fmt_score(r["best_test"]),
                       "-" if r["steps"] is None else str(r["steps"]), fmt_cost(r["cost_usd"])])
     if stdout_is_tty():
         from rich.table import Table
@@ -200,14 +200,14 @@ def runs_list_command(runs_dir: Path, json_out: bool) -> None:
         t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=0,
                   header_style="bold")
         for i, h in enumerate(headers):
-            t.add_column(h, justify="right" if i >= 3 else "left", no_wrap=i > 0, overflow="fold")
+            t.add_column(h, justify="right" if i >= 4 else "left", no_wrap=i > 0, overflow="fold")
         for r, cells in zip(rows, table):
             cells = list(cells)
             cells[1] = cells[1][:16]  # the minute is enough on screen (the run's name has the seconds)
             t.add_row(*cells[:2], Text(cells[2], style=_STATUS_STYLE.get(r["status"], "")), *cells[3:])
         _console().print(t)
         return
-    for line in plain_table(headers, table, right=range(3, 7)):
+    for line in plain_table(headers, table, right=range(4, 8)):
         print(line)
 
 

@@ -75,14 +75,14 @@ def test_runs_list_shows_each_run_with_status_and_scores(runs):
     assert result.exit_code == 0, result.output
     assert ANSI not in result.output
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["run", "date", "(UTC)", "status", "best", "val", "best", "test", "steps", "cost"]
+    assert lines[0].split() == ["run", "date", "(UTC)", "status", "mode", "best", "val", "best", "test", "steps", "cost"]
     assert len(lines) == 3  # header + two runs; `notes` and `stray.txt` are skipped
     by_name = {line.split()[0]: line.split() for line in lines[1:]}
     acc = by_name[runs["accepted"].name]
     rej = by_name[runs["rejected"].name]
-    # run, date, time, status, best val, best test, steps, cost
-    assert acc[3:] == ["completed", "1.000", "1.000", "2", "$0.0000"]
-    assert rej[3:] == ["completed", "0.250", "0.333", "2", "$0.0000"]
+    # run, date, time, status, mode, best val, best test, steps, cost
+    assert acc[3:] == ["completed", "autodiff", "1.000", "1.000", "2", "$0.0000"]
+    assert rej[3:] == ["completed", "autodiff", "0.250", "0.333", "2", "$0.0000"]
     assert acc[1] == f"{runs['accepted'].name[4:8]}-{runs['accepted'].name[8:10]}-{runs['accepted'].name[10:12]}"
 
 
