@@ -459,7 +459,7 @@ class Trainer:
         specs = self.program.params
         view = lambda n: gdpo.ParamView(n, state.values[n], specs[n].role or _default_role(specs[n]))  # noqa: E731
         peers = sorted({p for node in self.program.all_nodes() if param in node.params for p in node.params
-                        if state.values[p] or specs[p].kind != "demos"} - {param})  # empty demos: not in the prompt
+                        if demos.in_prompt(specs[p], state.values[p])} - {param})
         others = [p for p in specs if p in self.trainable and p != param and p not in peers]
         feedback = [gdpo.FeedbackItem(g.example_id, g.score, g.node, g.call_index, g.topo_index, g.feedback)
                     for g in gradients if g.target == f"param:{param}"]

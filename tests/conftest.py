@@ -21,3 +21,19 @@ def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(textwrap.dedent(text).lstrip(), encoding="utf-8")
     return path
+
+
+@pytest.fixture
+def errors_scored_as_zero(monkeypatch):
+    """Reintroduce the bug the fault checks exist for: an example whose model call failed is scored 0."""
+    from autodiff_cli import evaluate as evaluate_module
+
+    real = evaluate_module._result
+
+    def scoring_errors_as_zero(program, example, trace):
+        result = real(program, example, trace)
+        if result.error is not None:
+            result.score = 0.0
+        return result
+
+    monkeypatch.setattr(evaluate_module, "_result", scoring_errors_as_zero)

@@ -18,40 +18,13 @@ from autodiff_cli.cli import app
 from autodiff_cli.llm.fake import reset_fake_state
 
 from .conftest import write
-from .specs import COUNT_PIPELINE
+from .specs import TOY_SCRIPT, TOY_SPEC
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The task model answers right only when its instruction says ALWAYS ADD (or when the answer is 1);
-# the backward engine says so and the optimizer proposes it, so `autodiff` improves on test.
-SCRIPT = r"""
-rules:
-  - match: "backward engine"
-    in: system
-    reply: '{"diagnosis": "It did not add.", "param: instruction": "The instruction never says to add the counts: it should tell the model to ALWAYS ADD them."}'
-  - match: "read by a program"
-    in: system
-    reply: '{"reasoning": "Feedback says to add.", "method": "add_instruction", "new_value": "Count the things. ALWAYS ADD the counts."}'
-  - match: 'ALWAYS ADD[\s\S]*n=(\d+)'
-    in: all
-    reply: "Sum is {1}. Answer: {1}"
-  - match: 'n=1\b'
-    reply: "Answer: 1"
-default: "Answer: 0"
-"""
-
-SPEC = """
-name: toy
-models:
-  task: {model: fake/script.yaml}
-  backward: {model: fake/script.yaml}
-  optimizer: {model: fake/script.yaml}
-data:
-  train: train.jsonl
-  val: val.jsonl
-  test: test.jsonl
-""" + COUNT_PIPELINE.lstrip() + """train: {max_steps: 2, batch_size: 4, max_proposals: 1, max_error_samples: 2, max_correct_samples: 1}
-"""
+# The toy setup of tests/specs.py: the optimizer proposes ALWAYS ADD, so `autodiff` improves on test.
+SCRIPT = TOY_SCRIPT % {"new": "Count the things. ALWAYS ADD the counts."}
+SPEC = TOY_SPEC.replace("max_proposals: 2", "max_proposals: 1").replace(", seed: 0}", "}")
 
 SPLITS = {"train": [1, 2, 3, 1, 4, 5, 1, 2], "val": [1, 2, 3, 4], "test": [1, 6, 7, 2, 3, 1, 5, 8, 9, 2, 4, 1]}
 

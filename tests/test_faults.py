@@ -74,18 +74,7 @@ def test_a_retried_context_length_error_is_caught(reference, tmp_path, monkeypat
     assert any("attempts, expected 1" in p for p in outcome.problems())
 
 
-def test_an_error_scored_as_a_wrong_answer_is_caught(reference, tmp_path, monkeypatch):
-    from autodiff_cli import evaluate as evaluate_module
-
-    real = evaluate_module._result
-
-    def scoring_errors_as_zero(program, example, trace):
-        result = real(program, example, trace)
-        if result.error is not None:
-            result.score = 0.0
-        return result
-
-    monkeypatch.setattr(evaluate_module, "_result", scoring_errors_as_zero)
+def test_an_error_scored_as_a_wrong_answer_is_caught(reference, tmp_path, errors_scored_as_zero):
     outcome = M.run_case(M.Case("500", "permanent", "eval"), reference, tmp_path)
     assert outcome.lost and any("failed but was scored 0.0" in p for p in outcome.lost)
 

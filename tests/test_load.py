@@ -38,19 +38,10 @@ def test_eval_of_10000_examples_at_concurrency_64_with_5_percent_faults(tmp_path
     print("\n" + M.load_text(r))
 
 
-def test_load_checks_catch_a_lost_error_and_a_capped_concurrency(tmp_path, monkeypatch):
+def test_load_checks_catch_a_lost_error_and_a_capped_concurrency(tmp_path, monkeypatch, errors_scored_as_zero):
     """The load run's own checks: an error scored as wrong, or fewer calls in flight than asked for."""
     from autodiff_cli import evaluate as evaluate_module
 
-    real = evaluate_module._result
-
-    def scoring_errors_as_zero(program, example, trace):
-        result = real(program, example, trace)
-        if result.error is not None:
-            result.score = 0.0
-        return result
-
-    monkeypatch.setattr(evaluate_module, "_result", scoring_errors_as_zero)
     r = M.run_load(40, tmp_path / "small", concurrency=4, latency=0.05,
                    faults=({"kind": "500", "match": r"n=1\b"},))  # q1 always fails: an error after 4 attempts
     assert r["errors"] == 1

@@ -22,6 +22,7 @@ from typing import Any
 from .. import metaprompts
 from ..compiler import Program
 from ..errors import ModelCallError
+from ..optim import demos
 from ..trace import Call, Trace
 from .loss import Evaluation, _short
 
@@ -175,10 +176,9 @@ class BackwardEngine:
         keys += [{"key": _input_key(n), "description": f"the input `{n}` (output of {', '.join(v.sources)}): {_short(v.value, 600)}"}
                  for n, v in upstream.items()]
         spec_params = self.program.params
-        # an empty demos block is not in the prompt, so it is not shown as part of it either
         node_params = [{"name": p, "role": spec_params[p].role or _default_role(spec_params[p]), "value": value,
                         "trainable": p in self.trainable} for p, value in call.params.items()
-                       if value or spec_params[p].kind != "demos"]
+                       if demos.in_prompt(spec_params[p], value)]
         msgs = metaprompts.messages("backward_llm", failed=ev.failed, call_id=call.id, node=call.node, example_id=trace.example_id,
                                     iteration=call.iteration, messages=call.messages or [], output=_short(call.output),
                                     feedback=feedback, node_params=node_params, keys=keys)
@@ -245,8 +245,4 @@ class BackwardEngine:
 
 
 def _default_role(spec) -> str:
-    if spec.kind == "demos":
-        from ..optim.demos import ROLE
-
-        return ROLE
-    return "prompt"
+    return demos.ROLE if spec.kind == "demos" else "prompt"

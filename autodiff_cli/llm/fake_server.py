@@ -416,8 +416,8 @@ class FakeServer:
 
     # ---------------------------------------------------------------- replies
 
-    def _decide(self, body: bytes) -> tuple[_Answer, float]:
-        """The answer to a chat request body and the delay before it."""
+    def _arrive(self, body: bytes) -> tuple[str, int, float]:
+        """A request body's digest, how many times it was seen before, and its (seeded) delay."""
         digest = hashlib.sha256(body).hexdigest()
         with self._lock:
             nth = self._seen.get(digest, 0)
@@ -425,6 +425,11 @@ class FakeServer:
         delay = self.latency
         if self.jitter:
             delay = max(0.0, delay + (2 * _unit(self.seed, "jitter", digest, nth) - 1) * self.jitter)
+        return digest, nth, delay
+
+    def _decide(self, body: bytes) -> tuple[_Answer, float]:
+        """The answer to a chat request body and the delay before it."""
+        digest, nth, delay = self._arrive(body)
         try:
             data = json.loads(body or b"{}")
             messages = data["messages"]

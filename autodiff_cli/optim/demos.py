@@ -43,6 +43,12 @@ class DemoParam:
     label: str | None  # the example field holding the expected answer (raw demos); None: no raw demos
 
 
+def in_prompt(spec: Any, value: str) -> bool:
+    """Whether a param shows in its prompt: an empty demos block does not (so it is not shown to the
+    backward engine or the optimizer as part of the prompt either)."""
+    return bool(value) or spec.kind != "demos"
+
+
 def demo_params(program: Any) -> dict[str, DemoParam]:
     """Every `kind: demos` param of a compiled program (the compiler checked each has one llm node)."""
     label = _label_field(program)

@@ -429,13 +429,7 @@ class BenchServer(fs.FakeServer):
     def _decide_logged(self, body: bytes):
         """(answer, delay, index of the request in the log or None)."""
         arrival = time.time()
-        digest = hashlib.sha256(body).hexdigest()
-        with self._lock:
-            nth = self._seen.get(digest, 0)
-            self._seen[digest] = nth + 1
-        delay = self.latency
-        if self.jitter:
-            delay = max(0.0, delay + (2 * fs._unit(self.seed, "jitter", digest, nth) - 1) * self.jitter)
+        _, _, delay = self._arrive(body)
         try:
             data = json.loads(body or b"{}")
             api = "chat" if "messages" in data else "responses"
