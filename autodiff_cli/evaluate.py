@@ -105,6 +105,7 @@ async def evaluate(program: Program, examples: list[Example], values: dict[str, 
 
         for t in tasks:
             t.add_done_callback(check)
+    waiter = stopper = None
     try:
         if stop_unless_above is None:
             report.results = list(await asyncio.gather(*tasks))
@@ -124,9 +125,12 @@ async def evaluate(program: Program, examples: list[Example], values: dict[str, 
                 await asyncio.gather(waiter, return_exceptions=True)
                 report.results = [t.result() for t in tasks if t.done() and not t.cancelled() and t.exception() is None]
     except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # interrupted: cancel the examples and collect every future, so none is left holding an
+        # exception nobody reads (asyncio would print its traceback at exit)
+        helpers = [f for f in (waiter, stopper) if f is not None]
+        for f in [*tasks, *helpers]:
+            f.cancel()
+        await asyncio.gather(*tasks, *helpers, return_exceptions=True)
         raise
     report.wall_seconds = time.perf_counter() - start
     return report

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import typer
 
 from .console import LiveStatus, log, setup_logging
+from .stopping import GracefulStop
 from .errors import (EXIT_BUDGET, EXIT_INTERRUPTED, EXIT_MODEL_ERRORS, BudgetExhausted, ErrorRateExceeded,
                      UsageError)
 
@@ -136,41 +136,36 @@ def train_command(config: Path, *, runs_dir: Path, resume: Path | None, dry_run:
 
     async def main() -> None:
         nonlocal tests
-        task = asyncio.current_task()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
-        try:
-            await trainer.run(state)
-            tests = await trainer.test_scores(state)
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
+        stop.attach()
+        await trainer.run(state)
+        tests = await trainer.test_scores(state)
 
-    try:
-        with status_line:
-            asyncio.run(main())
-        reason = state.stop_reason or f"ran {state.step} of {trainer.total_steps()} steps"
-    except asyncio.CancelledError:
-        status, reason, code = "interrupted", "interrupted by a signal; resume with --resume", EXIT_INTERRUPTED
-    except KeyboardInterrupt:
-        status, reason, code = "interrupted", "interrupted; resume with --resume", EXIT_INTERRUPTED
-    except BudgetExhausted as e:
-        status, reason, code = "budget_exhausted", e.message, EXIT_BUDGET
-    except ErrorRateExceeded as e:
-        status, reason, code = "failed", e.message, EXIT_MODEL_ERRORS
-    # the state on disk is the last completed step's; the summary says how the run ended
-    state.wall_seconds = wall_base + time.monotonic() - started
-    rd.write_prompts(state.best_values or state.values)
-    summary = summary_of(rd, spec, trainer, state, status, reason, tests, config)
-    rd.write_summary(summary)
-    _write_report(rd, secrets)
-    log(f"{status}: {reason}; best val {_f(state.best_val)} at step {state.best_step} (initial {_f(state.initial_val)})"
-        + (f"; test {_f(tests.get('initial'))} -> {_f(tests.get('best'))}" if tests.get("best") is not None else ""))
-    if json_out:
-        print(json.dumps(summary, ensure_ascii=False))
-    print(rd.path)
-    sys.stdout.flush()
+    with GracefulStop(status_line.print) as stop:
+        try:
+            with status_line:
+                asyncio.run(main())
+            reason = state.stop_reason or f"ran {state.step} of {trainer.total_steps()} steps"
+        except asyncio.CancelledError:
+            status, reason, code = "interrupted", "interrupted by a signal; resume with --resume", EXIT_INTERRUPTED
+        except KeyboardInterrupt:
+            status, reason, code = "interrupted", "interrupted; resume with --resume", EXIT_INTERRUPTED
+        except BudgetExhausted as e:
+            status, reason, code = "budget_exhausted", e.message, EXIT_BUDGET
+        except ErrorRateExceeded as e:
+            status, reason, code = "failed", e.message, EXIT_MODEL_ERRORS
+        stop.after_loop()  # a Ctrl-C from here on must not cut the summary short
+        # the state on disk is the last completed step's; the summary says how the run ended
+        state.wall_seconds = wall_base + time.monotonic() - started
+        rd.write_prompts(state.best_values or state.values)
+        summary = summary_of(rd, spec, trainer, state, status, reason, tests, config)
+        rd.write_summary(summary)
+        _write_report(rd, secrets)
+        log(f"{status}: {reason}; best val {_f(state.best_val)} at step {state.best_step} (initial {_f(state.initial_val)})"
+            + (f"; test {_f(tests.get('initial'))} -> {_f(tests.get('best'))}" if tests.get("best") is not None else ""))
+        if json_out:
+            print(json.dumps(summary, ensure_ascii=False))
+        print(rd.path)
+        sys.stdout.flush()
     if code:
         raise typer.Exit(code)
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The Qwen2.5-Coder-1.5B benchmarks of issues 4 and 5, exactly as recorded in RESULTS.md.
 # Usage (from the repository root): benchmarks/qwen_benchmarks.sh [objectcount|trec|hotpot|demos]...
+# (demos = demos_trec then demos_objectcount; each can be run alone)
 # Each part is a benchmarks/run.py command: stop it at any time, run it again to resume.
 # BENCH_OPTS is added to each (e.g. BENCH_OPTS=--dry-run shows what would be reused or started).
 # Needs: pip install -e ".[local]"; the GGUF (../shared/tools/get-models.sh qwen); the data
@@ -38,9 +39,12 @@ hotpot() {
     "${M[@]}" --set train.max_steps=2 --set train.max_proposals=2 --set nodes.react.max_iters=3 "${CAPS[@]}" \
     --section "HotpotQA ReAct on Qwen2.5-Coder-1.5B (issue 4)"
 }
-demos() {
+demos() { demos_trec; demos_objectcount; }
+demos_objectcount() {
   "$PY" benchmarks/run.py ${BENCH_OPTS:-} --config configs/object_count.yaml --mode autodiff --seed 1 "${OC[@]}" "${DEMOS[@]}" \
     --section "Demos on ObjectCount (issue 5)"
+}
+demos_trec() {
   "$PY" benchmarks/run.py ${BENCH_OPTS:-} --config configs/trec.yaml --mode autodiff --seed 0 "${TREC[@]}" "${DEMOS[@]}" \
     --section "Demos on TREC (issue 5)"
 }
@@ -49,8 +53,8 @@ rc=0
 for part in "${@:-objectcount trec hotpot demos}"; do
   for p in $part; do
     case "$p" in
-      objectcount|trec|hotpot|demos) "$p" || rc=$? ;;
-      *) echo "unknown part: $p (objectcount, trec, hotpot, demos)" >&2; exit 2 ;;
+      objectcount|trec|hotpot|demos|demos_trec|demos_objectcount) "$p" || rc=$? ;;
+      *) echo "unknown part: $p (objectcount, trec, hotpot, demos, demos_trec, demos_objectcount)" >&2; exit 2 ;;
     esac
   done
 done

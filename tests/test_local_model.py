@@ -145,3 +145,58 @@ def test_real_smollm2_call_through_litellm(tmp_path, monkeypatch):
     assert isinstance(json.loads(structured.text)["n"], int)
     t = usage.to_dict()["task"]
     assert (t["calls"], t["cached_calls"], t["errors"], t["cost_usd"]) == (2, 1, 0, 0.0)
+
+
+@pytest.mark.local_model
+@pytest.mark.skipif(not HAVE_LLAMA_CPP, reason="llama-cpp-python not installed")
+def test_a_cancelled_local_call_stops_generating(tmp_path, monkeypatch):
+    """Early stop and Ctrl-C cancel calls: the worker thread must stop at its next token, not run to
+    max_tokens while holding the model (nothing is cached or counted for the abandoned call)."""
+    import logging
+    import threading
+
+    monkeypatch.setenv("AUTODIFF_CACHE", str(tmp_path / "cache"))
+    generating, outcomes = threading.Event(), []
+    real_attach, real_generate = local.CallAbort.attach, local.generate
+
+    def spying_attach(self, llm):
+        real_attach(self, llm)
+        generating.set()
+
+    def spying_generate(*args, **kwargs):
+        try:
+            result = real_generate(*args, **kwargs)
+        except local.GenerationAborted:
+            outcomes.append("aborted")
+            raise
+        outcomes.append(f"finished with {result['usage']['completion_tokens']} tokens")
+        return result
+
+    monkeypatch.setattr(local.CallAbort, "attach", spying_attach)
+    monkeypatch.setattr(local, "generate", spying_generate)
+    usage = Usage()
+    models = {"long": ModelConfig(model="local/smollm2-135m", max_tokens=2000, temperature=0.0, seed=1),
+              "short": ModelConfig(model="local/smollm2-135m", max_tokens=8, temperature=0.0, seed=1)}
+    client = ModelClient(models, config_dir=tmp_path, usage=usage, cache=CallCache(tmp_path / "calls"))
+    messages = [{"role": "user", "content": "Write a very long story about a dragon, in at least 3000 words."}]
+
+    async def run():
+        call = asyncio.create_task(client.complete("long", messages))
+        assert await asyncio.to_thread(generating.wait, 120), "generation never started"
+        await asyncio.sleep(0.2)  # into the reply (a full one takes far longer)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        for _ in range(600):  # the thread ends on its own; wait for it (the test must not leave it running)
+            if outcomes:
+                break
+            await asyncio.sleep(0.1)
+        # the model is usable again at once (llama.cpp dropped the aborted decode's state)
+        return await client.complete("short", [{"role": "user", "content": "Say hello."}])
+
+    after = asyncio.run(run())
+    assert outcomes == ["aborted", "finished with 8 tokens"] and after.text.strip()
+    assert logging.getLogger("llama-cpp-python").level <= logging.ERROR  # its errors are quiet only while aborting
+    # only the short call is counted and cached; the abandoned one left nothing behind
+    assert (usage.to_dict()["task"]["calls"], usage.to_dict()["task"]["completion_tokens"]) == (1, 8)
+    assert CallCache(tmp_path / "calls").stats()["entries"] == 1

@@ -126,3 +126,32 @@ def test_early_stop_on_a_chain_comes_after_about_half_the_calls(tmp_path):
     calls = client.usage.role("task")["calls"]
     assert calls <= 6 * 3 + 2, calls  # the 6 scored examples plus what was in flight
     assert sorted(r.id for r in report.results)[:6] == [f"e{i}" for i in range(6)]
+
+
+def test_cancelling_an_early_stopping_evaluation_leaves_no_unread_errors(tmp_path):
+    # Ctrl-C during a validation that may stop early: every future it made is collected, so
+    # asyncio has no "exception was never retrieved" traceback to print when the run exits
+    import gc
+
+    write(tmp_path / "script.yaml", "default: wrong\nlatency: 0.2\n")
+    write(tmp_path / "val.jsonl", "")
+    loaded = load_spec(write(tmp_path / "spec.yaml", CHAIN))
+    program = compile_spec(loaded)
+    client = ModelClient(loaded.spec.models, config_dir=tmp_path, usage=Usage(), cache=None, base_delay=0)
+    examples = [Example(f"e{i}", {"question": f"q{i}", "answer": "right"}) for i in range(12)]
+
+    async def scenario() -> list[str]:
+        unread: list[str] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, context: unread.append(context["message"]))
+        task = asyncio.create_task(evaluate(program, examples, initial_values(loaded.spec), client,
+                                            stop_unless_above=0.5))
+        await asyncio.sleep(0.1)  # calls in flight
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        del task
+        gc.collect()  # an unread future reports itself when it is collected
+        await asyncio.sleep(0)
+        return unread
+
+    assert run(scenario()) == []

@@ -230,6 +230,7 @@ def test_patience_ends_the_run_early(tmp_path):
 
 
 def test_sigterm_interrupts_cleanly_and_the_run_resumes(tmp_path):
+    """SIGTERM then SIGINT (a second, impatient Ctrl-C): a clean stop, a full summary, an exact resume."""
     import os
     import signal
     import subprocess
@@ -246,11 +247,15 @@ def test_sigterm_interrupts_cleanly_and_the_run_resumes(tmp_path):
     while time.time() < deadline and not list((tmp_path / "runs").glob("*/metrics.jsonl")):
         time.sleep(0.1)  # wait until step 1 is written, then interrupt step 2
     proc.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)  # an impatient second Ctrl-C must not cut the clean-up short
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     run = Path(out.strip().splitlines()[-1])
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["status"] == "interrupted" and "Traceback" not in err
+    assert summary["status"] == "interrupted" and "Traceback" not in err and "never retrieved" not in err
+    assert "stopping: waiting for the model calls in flight" in err
     done_steps = json.loads((run / "checkpoint.json").read_text())["state"]["step"]
     assert done_steps >= 1  # the step in progress was abandoned, the completed ones kept
     resumed = subprocess.run(cmd + ["--resume", str(run)], capture_output=True, text=True, env=os.environ.copy())

@@ -147,11 +147,93 @@ _models: dict[Path, Any] = {}
 _call_locks: dict[Path, threading.Lock] = {}
 
 
-def generate(path: Path, messages: list[dict], params: Mapping[str, Any]) -> dict:
-    """One chat completion (blocking; serialised per model file)."""
+class GenerationAborted(Exception):
+    """The caller stopped waiting for this call (early stop, budget, Ctrl-C): generation ended."""
+
+
+class CallAbort:
+    """Ends one local generation from another thread, at llama.cpp's next compute step.
+
+    llama.cpp checks an abort callback between the nodes of every decode (hundreds of times per
+    token); a Python callback there would tax every call, so it is installed only once an abort is
+    requested, and removed when that call ends. llama.cpp logs the aborted decode at error level:
+    that line is held back while an abort is in progress (it is expected, not an error).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._llm: Any = None
+        self.requested = False
+
+    def request(self) -> None:
+        with self._lock:
+            if self.requested:
+                return
+            self.requested = True
+            if self._llm is not None:
+                _quiet_llama_errors(True)
+                _set_abort_callback(self._llm, True)
+
+    def attach(self, llm: Any) -> None:
+        with self._lock:
+            if self.requested:
+                raise GenerationAborted()
+            self._llm = llm
+
+    def detach(self) -> None:
+        with self._lock:
+            if self.requested and self._llm is not None:
+                _set_abort_callback(self._llm, False)
+                _quiet_llama_errors(False)
+            self._llm = None
+
+
+def _set_abort_callback(llm: Any, abort: bool) -> None:
+    import llama_cpp
+
+    global _abort_now
+    if _abort_now is None:  # one callback for every call; it must outlive them (ctypes keeps no reference)
+        _abort_now = llama_cpp.ggml_abort_callback(lambda _data: True)
+    callback = _abort_now if abort else llama_cpp.ggml_abort_callback(0)
+    llama_cpp.llama_set_abort_callback(llm._ctx.ctx, callback, None)
+
+
+_abort_now: Any = None
+_quiet_lock = threading.Lock()
+_quiet: list[int] = [0, 0]  # aborts in progress, the llama-cpp-python logger level to restore
+
+
+def _quiet_llama_errors(on: bool) -> None:
+    import logging
+
+    logger = logging.getLogger("llama-cpp-python")
+    with _quiet_lock:
+        if on:
+            if _quiet[0] == 0:
+                _quiet[1] = logger.level
+                logger.setLevel(logging.CRITICAL + 1)
+            _quiet[0] += 1
+        else:
+            _quiet[0] -= 1
+            if _quiet[0] == 0:
+                logger.setLevel(_quiet[1])
+
+
+def generate(path: Path, messages: list[dict], params: Mapping[str, Any], abort: CallAbort | None = None) -> dict:
+    """One chat completion (blocking; serialised per model file). `abort.request()` ends it early."""
     with _call_lock(path):
         llm = _load(path)
-        return llm.create_chat_completion(messages=_plain_messages(messages), **chat_kwargs(params))
+        if abort is None:
+            return llm.create_chat_completion(messages=_plain_messages(messages), **chat_kwargs(params))
+        abort.attach(llm)
+        try:
+            return llm.create_chat_completion(messages=_plain_messages(messages), **chat_kwargs(params))
+        except RuntimeError:
+            if abort.requested:  # "llama_decode returned 2": the abort we asked for
+                raise GenerationAborted() from None
+            raise
+        finally:
+            abort.detach()
 
 
 def chat_kwargs(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -230,7 +312,15 @@ def make_handler(litellm: ModuleType):
         async def acompletion(self, model, messages, api_base, custom_prompt_dict, model_response, print_verbose,
                               encoding, api_key, logging_obj, optional_params, **kwargs):
             path = _resolve_for_litellm(litellm, model)
-            result = await asyncio.to_thread(_run, litellm, model, lambda: generate(path, messages, optional_params))
+            abort = CallAbort()
+            try:
+                result = await asyncio.to_thread(_run, litellm, model,
+                                                 lambda: generate(path, messages, optional_params, abort))
+            except asyncio.CancelledError:
+                # nobody will read this reply: free the model now instead of generating up to
+                # max_tokens (an early stop or Ctrl-C would wait for it)
+                abort.request()
+                raise
             return _fill_response(litellm, model, result, model_response)
 
     return LocalHandler()
