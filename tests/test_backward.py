@@ -331,6 +331,50 @@ def test_loop_gives_one_gradient_per_invocation_in_canonical_order(tmp_path):
     assert keys == sorted(keys)
 
 
+DRAFT_ANSWER = MODELS + """
+name: draft
+params:
+  draft_instruction: {value: "Write notes on the question."}
+  answer_instruction: {value: "Answer from the notes."}
+nodes:
+  draft: {kind: llm, system: "{{ draft_instruction }}", user: "Q: {{ input.question }}"}
+  answer: {kind: llm, system: "{{ answer_instruction }}", user: "Notes: {{ draft }}"}
+output: answer
+metric: {fn: exact_match, args: {pred: answer, target: input.answer}}
+"""
+NOTES = "Lyon is a city in France known for food; Marseille is a port on the Mediterranean sea."
+
+
+@pytest.mark.parametrize("input_feedback, passed_on", [
+    # a small model filling the input's field with the input itself: a copy says nothing
+    (NOTES, False),
+    (NOTES.replace("; ", ";\n  "), False),  # the same copy, wrapped differently
+    ("Notes: " + NOTES[:70], False),
+    # real feedback, even one quoting the input, goes upstream
+    ("The notes never name the capital: they should say which city is the capital of France.", True),
+    ("It says 'Lyon is a city in France' but the question asks for the capital.", True),
+])
+def test_feedback_that_only_copies_the_input_is_not_passed_upstream(tmp_path, input_feedback, passed_on):
+    reply = {"diagnosis": "It answered Lyon.", P("answer_instruction"): "no change needed",
+             I("draft"): input_feedback}
+    program, client = setup(tmp_path, DRAFT_ANSWER, script(
+        ("^Invocation answer#0 ", reply), ("^Invocation draft#0 ", {P("draft_instruction"): "Name the capital."}),
+        ("^Q: ", NOTES), ("^Notes: ", "Lyon")))
+    trace, ev = forward(program, client, "capital", {"question": "Capital of France?", "answer": "Paris"})
+    result, rec = backward(program, client, trace, ev)
+    got = {(g.node, g.target): g.feedback for g in result.gradients}
+    if passed_on:
+        assert got[("answer", "call:draft#0")] == input_feedback
+        assert got[("draft", "param:draft_instruction")] == "Name the capital."
+        assert len(rec.backward_requests()) == 2
+    else:
+        # nothing upstream: the draft is not visited (no backward call), and since the reply
+        # blamed nothing usable, the answer's own instruction gets the diagnosis
+        assert set(got) == {("answer", "param:answer_instruction")}
+        assert got[("answer", "param:answer_instruction")] == "Diagnosis: It answered Lyon."
+        assert len(rec.backward_requests()) == 1
+
+
 def test_backward_is_deterministic_across_runs_and_concurrent_examples(tmp_path):
     program, client, done = loop_traces(tmp_path)
 

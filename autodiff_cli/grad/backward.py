@@ -17,6 +17,7 @@ import json
 import logging
 import re
 from dataclasses import asdict, dataclass, field
+from difflib import SequenceMatcher
 from typing import Any
 
 from .. import metaprompts
@@ -63,6 +64,21 @@ class BackwardResult:
 
 
 DIAGNOSIS = "diagnosis"
+
+
+def echoes(feedback: str, value: Any) -> bool:
+    """Feedback that is mostly a verbatim copy of the value it is about. Small backward engines
+    often fill an input's field with the input itself (the retrieved passages, say); passed on,
+    that reads as feedback to the upstream node and its optimizer pastes it into the prompt."""
+    text, shown = " ".join(feedback.split()), " ".join(str(value).split())
+    if len(text) < ECHO_MIN_CHARS or not shown:
+        return False
+    match = SequenceMatcher(None, text, shown, autojunk=False).find_longest_match(0, len(text), 0, len(shown))
+    return match.size >= ECHO_SHARE * len(text)
+
+
+ECHO_MIN_CHARS = 40  # shorter feedback may well quote the input ("it says 1950, not 1905")
+ECHO_SHARE = 0.5  # one verbatim run this share of the feedback: a copy, not a comment
 
 
 def _param_key(name: str) -> str:
@@ -188,7 +204,10 @@ class BackwardEngine:
         diagnosis = reply.get(DIAGNOSIS, "")
         blamed = {p: reply.get(_param_key(p), "") for p in params}
         blamed = {p: t for p, t in blamed.items() if t and not NO_CHANGE.search(t)}
-        upstream_blamed = any(not NO_CHANGE.search(reply.get(_input_key(n), "no change needed")) for n in upstream)
+        upstream_feedback = {n: reply.get(_input_key(n), "") for n in upstream}
+        upstream_feedback = {n: t for n, t in upstream_feedback.items()
+                             if t and not NO_CHANGE.search(t) and not echoes(t, upstream[n].value)}
+        upstream_blamed = bool(upstream_feedback)
         if not blamed and diagnosis and not upstream_blamed:
             # small models often diagnose the mistake yet blame nothing; the diagnosis still
             # tells the optimizer what went wrong, so every trainable param of the call gets it
@@ -196,12 +215,10 @@ class BackwardEngine:
         for p, text in blamed.items():
             text = f"{text} (Diagnosis: {diagnosis})" if text and diagnosis else (text or f"Diagnosis: {diagnosis}")
             result.gradients.append(self._gradient(trace, ev, call, f"param:{p}", text))
-        for name, value in upstream.items():
-            text = reply.get(_input_key(name), "")
-            if text and not NO_CHANGE.search(text):
-                for source in value.sources:
-                    received[source].append((order, text))
-                    result.gradients.append(self._gradient(trace, ev, call, f"call:{source}", text))
+        for name, text in upstream_feedback.items():
+            for source in upstream[name].sources:
+                received[source].append((order, text))
+                result.gradients.append(self._gradient(trace, ev, call, f"call:{source}", text))
 
     async def _route(self, trace: Trace, call: Call, feedback: str, sources: dict[str, list[str]],
                      result: BackwardResult) -> dict[str, str]:
