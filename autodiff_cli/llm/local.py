@@ -13,7 +13,6 @@ import importlib.util
 import json
 import os
 import threading
-import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Mapping
@@ -298,11 +297,6 @@ def _plain_messages(messages: list[dict]) -> list[dict]:
 
 def make_handler(litellm: ModuleType):
     """The litellm CustomLLM for the `local` provider (built here so this module never imports litellm)."""
-    # litellm builds the handler's coroutine in a worker thread; a call cancelled before that
-    # coroutine starts (early stop, budget, Ctrl-C) leaves it unawaited, which is harmless
-    warnings.filterwarnings("ignore", message=r"coroutine '.*LocalHandler\.acompletion' was never awaited",
-                            category=RuntimeWarning)
-
     class LocalHandler(litellm.CustomLLM):
         def completion(self, model, messages, model_response, optional_params=None, **kwargs):
             path = _resolve_for_litellm(litellm, model)

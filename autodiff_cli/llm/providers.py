@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import warnings
 from types import ModuleType
 
 _lock = threading.Lock()
@@ -41,6 +42,10 @@ def _quieten(litellm: ModuleType) -> None:
 def _register_custom_providers(litellm: ModuleType) -> None:
     from autodiff_cli.llm import fake, local
 
+    # litellm builds a custom handler's coroutine in a worker thread; a call cancelled before that
+    # coroutine starts (early stop, budget, Ctrl-C) leaves it unawaited, which is harmless
+    warnings.filterwarnings("ignore", message=r"coroutine '.*(Local|Fake)Handler\.acompletion' was never awaited",
+                            category=RuntimeWarning)
     current = list(getattr(litellm, "custom_provider_map", None) or [])
     present = {entry.get("provider") for entry in current}
     for provider, module in (("local", local), ("fake", fake)):
