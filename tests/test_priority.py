@@ -111,16 +111,22 @@ def fresh_fake():
     reset_fake_state()
 
 
-def test_early_stop_on_a_chain_comes_after_about_half_the_calls(tmp_path):
-    # every answer is wrong; with the bar at 0.5 the evaluation is hopeless once 6 of 12 examples
-    # are scored. Earlier examples' calls go first, so those 6 finish after about 6 x 3 calls
-    # (FIFO would send all 12 `listing` and 12 `tally` calls before the 6th `answer`: 30 calls).
-    write(tmp_path / "script.yaml", "default: wrong\nlatency: 0.01\n")
+def wrong_chain(tmp_path, latency: float):
+    """The chain, a fake model whose every answer is wrong (after `latency` s), and 12 examples."""
+    write(tmp_path / "script.yaml", f"default: wrong\nlatency: {latency}\n")
     write(tmp_path / "val.jsonl", "")
     loaded = load_spec(write(tmp_path / "spec.yaml", CHAIN))
     program = compile_spec(loaded)
     client = ModelClient(loaded.spec.models, config_dir=tmp_path, usage=Usage(), cache=None, base_delay=0)
     examples = [Example(f"e{i}", {"question": f"q{i}", "answer": "right"}) for i in range(12)]
+    return loaded, program, client, examples
+
+
+def test_early_stop_on_a_chain_comes_after_about_half_the_calls(tmp_path):
+    # every answer is wrong; with the bar at 0.5 the evaluation is hopeless once 6 of 12 examples
+    # are scored. Earlier examples' calls go first, so those 6 finish after about 6 x 3 calls
+    # (FIFO would send all 12 `listing` and 12 `tally` calls before the 6th `answer`: 30 calls).
+    loaded, program, client, examples = wrong_chain(tmp_path, latency=0.01)
     report = run(evaluate(program, examples, initial_values(loaded.spec), client, stop_unless_above=0.5))
     assert report.stopped_early
     calls = client.usage.role("task")["calls"]
@@ -133,12 +139,7 @@ def test_cancelling_an_early_stopping_evaluation_leaves_no_unread_errors(tmp_pat
     # asyncio has no "exception was never retrieved" traceback to print when the run exits
     import gc
 
-    write(tmp_path / "script.yaml", "default: wrong\nlatency: 0.2\n")
-    write(tmp_path / "val.jsonl", "")
-    loaded = load_spec(write(tmp_path / "spec.yaml", CHAIN))
-    program = compile_spec(loaded)
-    client = ModelClient(loaded.spec.models, config_dir=tmp_path, usage=Usage(), cache=None, base_delay=0)
-    examples = [Example(f"e{i}", {"question": f"q{i}", "answer": "right"}) for i in range(12)]
+    loaded, program, client, examples = wrong_chain(tmp_path, latency=0.2)
 
     async def scenario() -> list[str]:
         unread: list[str] = []

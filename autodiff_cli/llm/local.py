@@ -220,10 +220,9 @@ def _quiet_llama_errors(on: bool) -> None:
 
 def generate(path: Path, messages: list[dict], params: Mapping[str, Any], abort: CallAbort | None = None) -> dict:
     """One chat completion (blocking; serialised per model file). `abort.request()` ends it early."""
+    abort = abort or CallAbort()  # never requested: the call runs as without one
     with _call_lock(path):
         llm = _load(path)
-        if abort is None:
-            return llm.create_chat_completion(messages=_plain_messages(messages), **chat_kwargs(params))
         abort.attach(llm)
         try:
             return llm.create_chat_completion(messages=_plain_messages(messages), **chat_kwargs(params))
