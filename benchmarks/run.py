@@ -448,12 +448,20 @@ def read_rows(path: Path | None) -> dict[str, dict]:
     return rows
 
 
-def paired_diffs(initial: dict[str, dict], best: dict[str, dict]) -> list[float]:
-    """best - initial per example that completed (no error, a score) in both; ordered by id."""
+def paired_diffs_by_id(initial: dict[str, dict], best: dict[str, dict]) -> dict[str, float]:
+    """id -> best - initial, for each example that completed (no error, a score) in both; ordered by id."""
     def ok(r):
         return r is not None and r.get("error") in (None, "") and r.get("score") is not None
-    return [float(best[i]["score"]) - float(initial[i]["score"])
-            for i in sorted(initial) if ok(initial[i]) and ok(best.get(i))]
+    return {i: float(best[i]["score"]) - float(initial[i]["score"])
+            for i in sorted(initial) if ok(initial[i]) and ok(best.get(i))}
+
+
+def pooled_diffs(per_seed: list[dict[str, float]]) -> list[float]:
+    """Per example scored in every seed: the mean over seeds of its (best - initial), ordered by id.
+    Bootstrapping these resamples examples, keeping each example's seeds together, so the interval
+    answers "does this mode beat the initial prompt on this test set, across seeds"."""
+    common = set.intersection(*(set(d) for d in per_seed)) if per_seed else set()
+    return [math.fsum(d[i] for d in per_seed) / len(per_seed) for i in sorted(common)]
 
 
 def paired_bootstrap(diffs: list[float], resamples: int = 10000, seed: int = 0,
@@ -536,13 +544,14 @@ def row_facts(state: State, entry: dict, bootstrap: int, variant: str | None = N
             facts["split"] = split
             facts["initial"], facts["best"] = initial["result"]["score"], best["result"]["score"]
             facts["n"] = initial["result"]["n"]
-            diffs = paired_diffs(read_rows(state.abs(initial["out"])), read_rows(state.abs(best["out"])))
+            diffs = paired_diffs_by_id(read_rows(state.abs(initial["out"])), read_rows(state.abs(best["out"])))
             facts["n_paired"] = len(diffs)
-            facts["delta"] = paired_bootstrap(diffs, bootstrap)
+            facts["diffs"] = diffs
+            facts["delta"] = paired_bootstrap(list(diffs.values()), bootstrap)
     return facts
 
 
-def render_section(name: str, command: str, facts: list[dict], notes_extra: list[str]) -> str:
+def render_section(name: str, command: str, facts: list[dict], notes_extra: list[str], bootstrap: int = 10000) -> str:
     """The section; a `variant` column (and variant-wise seed summary) when a fact has a variant."""
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     variants = any(f.get("variant") is not None for f in facts)
@@ -611,19 +620,25 @@ def render_section(name: str, command: str, facts: list[dict], notes_extra: list
         if f["split"] == "test" and t is not None and f["best"] is not None and abs(t - f["best"]) > 1e-9:
             notes.append(f"{where}: summary.json says best test {_f(t)}, the separate eval {_f(f['best'])}")
     # across seeds
-    groups: dict[tuple[str, str | None, str], list[float]] = {}
+    groups: dict[tuple[str, str | None, str], list[dict]] = {}
     for f in facts:
         if f["delta"] is not None:
             group = (Path(f["entry"]["config"]).stem, f.get("variant"), f["entry"]["mode"])
-            groups.setdefault(group, []).append(f["delta"][0])
+            groups.setdefault(group, []).append(f)
     multi = {k: v for k, v in groups.items() if len(v) > 1}
     if multi:
-        lines += ["", "Across seeds (Δ test = mean(best − initial) per seed):", "",
-                  f"| config | {vcol}mode | seeds | Δ test mean ± sd |", f"|---|{vsep}---|---:|---|"]
-        for (label, variant, mode), ds in multi.items():
+        lines += ["", "Across seeds (Δ test = mean(best − initial) per seed; the pooled interval resamples test "
+                      "examples, each with its mean Δ over the seeds):", "",
+                  f"| config | {vcol}mode | seeds | Δ test mean ± sd | pooled Δ [95% CI] | win? |",
+                  f"|---|{vsep}---|---:|---|---|---|"]
+        for (label, variant, mode), group in multi.items():
+            ds = [f["delta"][0] for f in group]
+            pooled = paired_bootstrap(pooled_diffs([f.get("diffs") or {} for f in group]), bootstrap)
+            cell, win = ("–", "–") if pooled is None else (
+                f"{_signed(pooled[0])} [{_signed(pooled[1])}, {_signed(pooled[2])}]", "**yes**" if pooled[1] > 0 else "no")
             vcell = f"{variant} | " if variants else ""
             lines.append(f"| {label} | {vcell}{mode} | {len(ds)} | {_signed(statistics.mean(ds))} "
-                         f"± {statistics.stdev(ds):.3f} |")
+                         f"± {statistics.stdev(ds):.3f} | {cell} | {win} |")
     lines += ["", "A win is claimed only where the paired-bootstrap 95% interval of mean(best − initial) "
                   "lies above 0."]
     if notes:
@@ -709,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
         runner.restore()
     facts = [row_facts(state, e, args.bootstrap, variant) for variant, e in rows]
     notes = variant_notes(args.variants)
-    write_section(args.results, args.section, render_section(args.section, command, facts, notes))
+    write_section(args.results, args.section, render_section(args.section, command, facts, notes, args.bootstrap))
     log(f"wrote section `{args.section}` of {args.results}")
     print(args.results)
     errors = [e for _, e in rows if e.get("status") == "error"

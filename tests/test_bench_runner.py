@@ -245,7 +245,7 @@ def test_paired_bootstrap_separates_a_clear_improvement_from_noise():
                "c": {"id": "c", "score": None, "error": "timeout"}}
     best = {"a": {"id": "a", "score": 1.0, "error": None}, "b": {"id": "b", "score": None, "error": "rate limit"},
             "c": {"id": "c", "score": 1.0, "error": None}}
-    assert bench.paired_diffs(initial, best) == [1.0]
+    assert bench.paired_diffs_by_id(initial, best) == {"a": 1.0}
 
 
 def test_variants_are_separate_runs_and_rows_and_an_empty_variant_reuses_the_plain_run(tmp_path, toy, commands):
@@ -321,9 +321,37 @@ def test_the_seed_summary_groups_by_variant():
                 "n_paired": 10, "n": 10, "variant": variant}
 
     facts = [fact(v, s, d) for v, ds in (("A", (0.1, 0.3)), ("B", (-0.2, 0.0))) for s, d in enumerate(ds)]
-    text = bench.render_section("s", "cmd", facts, [])
-    assert "| config | variant | mode | seeds | Δ test mean ± sd |" in text
-    assert "| toy | A | autodiff | 2 | +0.200 ± 0.141 |" in text and "| toy | B | autodiff | 2 | -0.100 ± 0.141 |" in text
-    plain = bench.render_section("s", "cmd", [dict(f, variant=None) for f in facts], [])
+    text = bench.render_section("s", "cmd", facts, [], bootstrap=1000)
+    assert "| config | variant | mode | seeds | Δ test mean ± sd | pooled Δ [95% CI] | win? |" in text
+    assert "| toy | A | autodiff | 2 | +0.200 ± 0.141 | – | – |" in text
+    assert "| toy | B | autodiff | 2 | -0.100 ± 0.141 | – | – |" in text
+    plain = bench.render_section("s", "cmd", [dict(f, variant=None) for f in facts], [], bootstrap=1000)
     assert "| config | mode | seeds | Δ test mean ± sd |" in plain and "| toy | autodiff | 4 | +0.050 ± 0.208 |" in plain
     assert "| config | mode | seed | val initial |" in plain and "variant" not in plain
+
+
+def test_the_pooled_interval_pairs_examples_across_seeds():
+    # Each example's seeds are averaged before resampling, and only examples scored in every seed count.
+    assert bench.pooled_diffs([{"a": 1.0, "b": 0.0, "c": 1.0}, {"a": 0.0, "b": -1.0}]) == [0.5, -0.5]
+    assert bench.pooled_diffs([]) == []
+
+    def fact(seed, diffs):
+        mean = sum(diffs.values()) / len(diffs)
+        return {"entry": {"config": "x/toy.yaml", "mode": "autodiff", "seed": seed, "status": "completed"},
+                "summary": {}, "split": "test", "initial": 0.5, "best": 0.5 + mean, "n_paired": len(diffs),
+                "n": len(diffs), "variant": None, "diffs": diffs,
+                "delta": bench.paired_bootstrap(list(diffs.values()), 1000)}
+
+    ids = [f"q{i:02d}" for i in range(40)]
+    # every seed gains on the same 12 of 40 questions and loses none: each seed alone is a win, so is the pool
+    steady = [fact(s, {i: (1.0 if n < 12 else 0.0) for n, i in enumerate(ids)}) for s in range(3)]
+    row = next(ln for ln in bench.render_section("s", "cmd", steady, [], 2000).splitlines()
+               if ln.startswith("| toy | autodiff | 3 |"))
+    assert row.endswith("| **yes** |") and "+0.300 [" in row
+    # seeds that move different questions in opposite directions: the per-seed means vary, the pool is no win
+    mixed = [fact(0, {i: (1.0 if n < 8 else 0.0) for n, i in enumerate(ids)}),
+             fact(1, {i: (-1.0 if 8 <= n < 16 else 0.0) for n, i in enumerate(ids)}),
+             fact(2, {i: (1.0 if 20 <= n < 24 else 0.0) for n, i in enumerate(ids)})]
+    row = next(ln for ln in bench.render_section("s", "cmd", mixed, [], 2000).splitlines()
+               if ln.startswith("| toy | autodiff | 3 |"))
+    assert row.endswith("| no |") and "+0.033 [" in row
