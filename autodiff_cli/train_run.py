@@ -95,7 +95,9 @@ def train_command(config: Path, *, runs_dir: Path, resume: Path | None, dry_run:
         else:
             state = TrainState.from_dict(checkpoint["state"])
         rd.truncate_after(state.step)
-        client.usage = Usage.from_dict(_spent_usage(rd.read_summary(), state)) if state.usage else client.usage
+        summary = rd.read_summary()
+        client.usage = Usage.from_dict(_spent_usage(summary, state)) if state.usage else client.usage
+        state.wall_seconds = _spent_wall(summary, state)
         log(f"resuming {rd.path} after step {state.step}")
     else:
         rd = RunDir.create(runs_dir, spec.name, config_path=config, resolved=resolved, secrets=secrets)
@@ -183,6 +185,15 @@ def _spent_usage(summary: dict, state) -> dict:
         return sum(int(r.get("calls", 0)) for r in u.values() if isinstance(r, dict))
 
     return usage if calls(usage) >= calls(state.usage) else state.usage
+
+
+def _spent_wall(summary: dict, state) -> float:
+    """The wall time a resumed run continues from: like the usage, the clean-stop summary of the
+    checkpoint's step also counts the time spent in the step that was not finished."""
+    wall = summary.get("wall_seconds")
+    if summary.get("steps") == state.step and isinstance(wall, (int, float)) and wall > state.wall_seconds:
+        return float(wall)
+    return state.wall_seconds
 
 
 def _write_report(rd, secrets: list[str]) -> None:

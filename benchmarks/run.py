@@ -96,6 +96,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--retry-failed", action="store_true",
                     help="start runs recorded as failed or budget_exhausted over instead of reusing them")
     ap.add_argument("--dry-run", action="store_true", help="print the plan; run nothing, write nothing")
+    ap.add_argument("--report-only", action="store_true",
+                    help="write the section from the runs and scores already recorded; run nothing and leave "
+                         "state.json alone (safe while another benchmark runs); fails if one is missing")
     args = ap.parse_args(argv)
     args.mode = list(dict.fromkeys(args.mode or ["autodiff"]))
     args.seed = list(dict.fromkeys(args.seed if args.seed is not None else [0]))
@@ -571,12 +574,18 @@ def render_section(name: str, command: str, facts: list[dict], notes_extra: list
         model_line = "; ".join(f"{', '.join(c)}: {t}" for t, c in models.items())
     else:
         model_line = "–"
+    # the teacher (few-shot demo bootstrapping) gets its own column when a run used one
+    def taught(f: dict) -> bool:
+        teacher = (f["summary"].get("usage") or {}).get("teacher") or {}
+        return bool(teacher.get("calls") or teacher.get("cached_calls"))
+
+    roles = (*ROLES, "teacher") if any(taught(f) for f in facts) else ROLES
     lines = [f"<!-- bench:{name} -->", f"## {name}", "",
              "Command:", "", "```", command, "```", "",
              f"Machine: {machine()}  ", f"Date: {date}  ", f"Models: {model_line}", "",
              f"| config | {vcol}mode | seed | val initial | val best | test initial | test best | Δ test [95% CI] | win? "
-             "| steps | proposals tried/passed/accepted | calls task/backward/optimizer "
-             "| tokens task/backward/optimizer | cost $ | wall | status |",
+             f"| steps | proposals tried/passed/accepted | calls {'/'.join(roles)} "
+             f"| tokens {'/'.join(roles)} | cost $ | wall | status |",
              f"|---|{vsep}---|---:|---:|---:|---:|---:|---|---|---:|---|---|---|---:|---:|---|"]
     notes = list(notes_extra)
     for f in facts:
@@ -591,11 +600,11 @@ def render_section(name: str, command: str, facts: list[dict], notes_extra: list
             win = "**yes**" if low > 0 else "no"
         else:
             delta, win = "–", "–"
-        calls = "/".join(str((usage.get(r) or {}).get("calls", 0)) for r in ROLES) if usage else "–"
+        calls = "/".join(str((usage.get(r) or {}).get("calls", 0)) for r in roles) if usage else "–"
         cached = sum((u or {}).get("cached_calls", 0) for u in usage.values())
         calls += f" (+{cached} cached)" if cached else ""
         tokens = "/".join(_compact((usage.get(r) or {}).get("prompt_tokens", 0) + (usage.get(r) or {}).get("completion_tokens", 0))
-                          for r in ROLES) if usage else "–"
+                          for r in roles) if usage else "–"
         cost = f"{sum((u or {}).get('cost_usd', 0.0) for u in usage.values()):.4f}" if usage else "–"
         proposals = f"{props.get('tried', 0)}/{props.get('passed_subset', 0)}/{props.get('accepted', 0)}" if props else "–"
         label = Path(e["config"]).stem
@@ -699,11 +708,15 @@ def dry_run(args: argparse.Namespace, state: State) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = "python benchmarks/run.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    state = State(args.work, readonly=args.dry_run)
+    # the section shows the command that produces the runs, so without --report-only
+    command = "python benchmarks/run.py " + shlex.join(a for a in (sys.argv[1:] if argv is None else argv)
+                                                       if a != "--report-only")
+    state = State(args.work, readonly=args.dry_run or args.report_only)
     if args.dry_run:
         dry_run(args, state)
         return 0
+    if args.report_only:
+        return report_only(args, state, command)
     runner = Runner()
     runner.install()
     rows: list[tuple[str | None, dict]] = []  # (variant, state entry), ordered config > variant > mode > seed
@@ -722,14 +735,41 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     finally:
         runner.restore()
+    write_report(args, state, command, rows)
+    errors = [e for _, e in rows if e.get("status") == "error"
+              or (e.get("status") in SCORED and not (e.get("eval") or {}).get("result"))]
+    return EXIT_USAGE if errors else 0
+
+
+def write_report(args: argparse.Namespace, state: State, command: str, rows: list[tuple[str | None, dict]]) -> None:
     facts = [row_facts(state, e, args.bootstrap, variant) for variant, e in rows]
     notes = variant_notes(args.variants)
     write_section(args.results, args.section, render_section(args.section, command, facts, notes, args.bootstrap))
     log(f"wrote section `{args.section}` of {args.results}")
     print(args.results)
-    errors = [e for _, e in rows if e.get("status") == "error"
-              or (e.get("status") in SCORED and not (e.get("eval") or {}).get("result"))]
-    return EXIT_USAGE if errors else 0
+
+
+def report_only(args: argparse.Namespace, state: State, command: str) -> int:
+    """The section from what state.json already holds; nothing is run, state.json is not written."""
+    rows, missing = [], []
+    for config in args.config:
+        for variant, vsets in args.variants:
+            sets = [*args.sets, *vsets]
+            for mode in args.mode:
+                for seed in args.seed:
+                    entry = state.data["runs"].get(run_key(config, mode, seed, sets))
+                    shown = "" if variant is None else f" [{variant}]"
+                    if entry is None or not (entry.get("eval") or {}).get("result"):
+                        missing.append(f"{config.name}{shown} {mode} seed {seed}: "
+                                       + ("not run" if entry is None else f"{entry.get('status')}, not scored"))
+                    else:
+                        rows.append((variant, entry))
+    if missing:
+        print("--report-only: these are not recorded yet (run without --report-only first):\n  "
+              + "\n  ".join(missing), file=sys.stderr)
+        return EXIT_USAGE
+    write_report(args, state, command, rows)
+    return 0
 
 
 if __name__ == "__main__":

@@ -142,6 +142,30 @@ def test_runner_trains_scores_writes_one_section_and_reuses_its_state(tmp_path, 
     assert table_rows(again) == rows
     assert results.read_text().count("<!-- bench:other -->") == 1 and "keep me" in results.read_text()
 
+    # --report-only: the same section from the record, without running anything or touching state.json
+    results.write_text(results.read_text().replace(again, "<!-- bench:toy -->\nstale\n<!-- /bench:toy -->"))
+    state_file = tmp_path / "work" / "state.json"
+    stamp = state_file.stat().st_mtime_ns
+    assert run_bench(tmp_path, toy, "--mode", "autodiff", "--mode", "none", "--report-only") == 0
+    assert commands == [] and state_file.stat().st_mtime_ns == stamp
+    redone = section(results)
+    assert table_rows(redone) == rows and "stale" not in redone
+    assert "--report-only" not in redone and "--mode autodiff --mode none" in redone
+
+
+def test_report_only_names_what_is_not_recorded_and_writes_nothing(tmp_path, toy, commands, capsys):
+    results = tmp_path / "RESULTS.md"
+    assert run_bench(tmp_path, toy, "--mode", "none") == 0
+    before = results.read_text()
+    commands.clear()
+    capsys.readouterr()
+    assert run_bench(tmp_path, toy, "--mode", "none", "--mode", "autodiff", "--seed", "0", "--seed", "3",
+                     "--report-only") == 2
+    err = capsys.readouterr().err
+    assert "spec.yaml autodiff seed 0: not run" in err and "spec.yaml none seed 3: not run" in err
+    assert "none seed 0" not in err
+    assert commands == [] and results.read_text() == before
+
 
 def test_an_interrupted_run_is_resumed_not_restarted(tmp_path, toy, commands, monkeypatch):
     from autodiff_cli import trainer as trainer_module
@@ -355,3 +379,19 @@ def test_the_pooled_interval_pairs_examples_across_seeds():
     row = next(ln for ln in bench.render_section("s", "cmd", mixed, [], 2000).splitlines()
                if ln.startswith("| toy | autodiff | 3 |"))
     assert row.endswith("| no |") and "+0.033 [" in row
+
+
+def test_teacher_calls_get_a_column_only_when_a_run_bootstrapped_demos():
+    def fact(variant, usage):
+        return {"entry": {"config": "x/toy.yaml", "mode": "autodiff", "seed": 0, "status": "completed"},
+                "summary": {"usage": usage}, "split": "test", "initial": 0.5, "best": 0.5, "delta": None,
+                "n_paired": 0, "n": 10, "variant": variant}
+
+    plain = {"task": {"calls": 30, "cached_calls": 2, "prompt_tokens": 900, "completion_tokens": 100},
+             "backward": {"calls": 3}, "optimizer": {"calls": 4}}
+    demos = {"task": {"calls": 20}, "teacher": {"calls": 7, "prompt_tokens": 1500, "completion_tokens": 500}}
+    text = bench.render_section("s", "cmd", [fact("text", plain), fact("demos", demos)], [])
+    assert "| calls task/backward/optimizer/teacher | tokens task/backward/optimizer/teacher |" in text
+    assert "| 30/3/4/0 (+2 cached) | 1.0k/0/0/0 |" in text and "| 20/0/0/7 | 0/0/0/2.0k |" in text
+    text = bench.render_section("s", "cmd", [fact(None, dict(plain, teacher={"calls": 0}))], [])
+    assert "| calls task/backward/optimizer | tokens task/backward/optimizer |" in text and "teacher" not in text

@@ -133,20 +133,24 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     async def interrupting_step(self, state, step):
         if step == 2 and calls["n"] == 0:
             calls["n"] += 1
+            await asyncio.sleep(0.5)  # time spent in the step that is then interrupted
             raise asyncio.CancelledError()
         return await original(self, state, step)
 
     monkeypatch.setattr(trainer_module.Trainer, "step", interrupting_step)
     result, run = train(tmp_path)
     assert result.exit_code == 130
-    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
-    assert json.loads((run / "checkpoint.json").read_text())["state"]["step"] == 1
+    stopped = json.loads((run / "summary.json").read_text())
+    assert stopped["status"] == "interrupted"
+    checkpoint = json.loads((run / "checkpoint.json").read_text())["state"]
+    assert checkpoint["step"] == 1 and stopped["wall_seconds"] >= checkpoint["wall_seconds"] + 0.5
     resumed, same_run = train(tmp_path, "--resume", run)
     assert resumed.exit_code == 0, resumed.output
     assert same_run == run
     final = json.loads((run / "summary.json").read_text())
     assert final["status"] == "completed" and final["steps"] == reference["steps"] == 3
     assert final["best"] == reference["best"]
+    assert final["wall_seconds"] >= stopped["wall_seconds"]  # the interrupted step's time is not lost
     assert (run / "prompts.yaml").read_text() == (straight / "prompts.yaml").read_text()
     assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
