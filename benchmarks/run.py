@@ -677,32 +677,39 @@ def variant_notes(variants: list[tuple[str | None, list[str]]]) -> list[str]:
             for name, sets in variants if name is not None]
 
 
+def plan(args: argparse.Namespace):
+    """(config, variant, sets, mode, seed) in table order: config > variant > mode > seed; a variant's
+    settings come after the common --set options (they win)."""
+    for config in args.config:
+        for variant, vsets in args.variants:
+            sets = [*args.sets, *vsets]
+            for mode in args.mode:
+                for seed in args.seed:
+                    yield config, variant, sets, mode, seed
+
+
 def dry_run(args: argparse.Namespace, state: State) -> None:
     variants = f" x {len(args.variants)} variant(s)" if args.variants[0][0] is not None else ""
     print(f"plan ({len(args.config)} config(s){variants} x {len(args.mode)} mode(s) x {len(args.seed)} seed(s)); "
           f"state {state.path}")
     for line in variant_notes(args.variants):
         print(line.replace("`", ""))
-    for config in args.config:
-        for variant, vsets in args.variants:
-            sets = [*args.sets, *vsets]
-            shown = "" if variant is None else f" variant={shlex.quote(variant)}"
-            for mode in args.mode:
-                for seed in args.seed:
-                    entry = state.data["runs"].get(run_key(config, mode, seed, sets))
-                    action, run_dir, summary = plan_action(entry, state, args.retry_failed)
-                    print(f"- {config}{shown} mode={mode} seed={seed}: {action}"
-                          + (f" {run_dir} ({summary['status']})" if run_dir else ""))
-                    if action == "resume":
-                        print("    " + show(cli("train", str(config), "--resume", str(run_dir),
-                                                *train_sets(mode, seed, sets))))
-                    elif action == "start":
-                        print("    " + show(cli("train", str(config), "--runs-dir", str(state.work / "runs"),
-                                                *train_sets(mode, seed, sets))))
-                    set_args = [a for s in sets for a in ("--set", s)]
-                    print("    then (unless already scored): "
-                          + show(cli("eval", str(config), "--split", "test", "--out", "FILE", "--json", *set_args))
-                          + "  and the same with --run RUN_DIR (val when the config has no test split)")
+    for config, variant, sets, mode, seed in plan(args):
+        shown = "" if variant is None else f" variant={shlex.quote(variant)}"
+        entry = state.data["runs"].get(run_key(config, mode, seed, sets))
+        action, run_dir, summary = plan_action(entry, state, args.retry_failed)
+        print(f"- {config}{shown} mode={mode} seed={seed}: {action}"
+              + (f" {run_dir} ({summary['status']})" if run_dir else ""))
+        if action == "resume":
+            print("    " + show(cli("train", str(config), "--resume", str(run_dir),
+                                    *train_sets(mode, seed, sets))))
+        elif action == "start":
+            print("    " + show(cli("train", str(config), "--runs-dir", str(state.work / "runs"),
+                                    *train_sets(mode, seed, sets))))
+        set_args = [a for s in sets for a in ("--set", s)]
+        print("    then (unless already scored): "
+              + show(cli("eval", str(config), "--split", "test", "--out", "FILE", "--json", *set_args))
+              + "  and the same with --run RUN_DIR (val when the config has no test split)")
     print(f"then: section `{args.section}` of {args.results}")
 
 
@@ -721,14 +728,10 @@ def main(argv: list[str] | None = None) -> int:
     runner.install()
     rows: list[tuple[str | None, dict]] = []  # (variant, state entry), ordered config > variant > mode > seed
     try:
-        for config in args.config:
-            for variant, vsets in args.variants:
-                sets = [*args.sets, *vsets]  # a variant's settings come last (they win)
-                for mode in args.mode:
-                    for seed in args.seed:
-                        entry = ensure_trained(runner, state, config, mode, seed, sets, args.retry_failed, variant)
-                        ensure_scored(runner, state, config, sets, entry)
-                        rows.append((variant, entry))
+        for config, variant, sets, mode, seed in plan(args):
+            entry = ensure_trained(runner, state, config, mode, seed, sets, args.retry_failed, variant)
+            ensure_scored(runner, state, config, sets, entry)
+            rows.append((variant, entry))
     except Interrupted:
         state.save()
         log(f"interrupted; state saved in {state.path}; run the same command again to continue")
@@ -752,18 +755,14 @@ def write_report(args: argparse.Namespace, state: State, command: str, rows: lis
 def report_only(args: argparse.Namespace, state: State, command: str) -> int:
     """The section from what state.json already holds; nothing is run, state.json is not written."""
     rows, missing = [], []
-    for config in args.config:
-        for variant, vsets in args.variants:
-            sets = [*args.sets, *vsets]
-            for mode in args.mode:
-                for seed in args.seed:
-                    entry = state.data["runs"].get(run_key(config, mode, seed, sets))
-                    shown = "" if variant is None else f" [{variant}]"
-                    if entry is None or not (entry.get("eval") or {}).get("result"):
-                        missing.append(f"{config.name}{shown} {mode} seed {seed}: "
-                                       + ("not run" if entry is None else f"{entry.get('status')}, not scored"))
-                    else:
-                        rows.append((variant, entry))
+    for config, variant, sets, mode, seed in plan(args):
+        entry = state.data["runs"].get(run_key(config, mode, seed, sets))
+        shown = "" if variant is None else f" [{variant}]"
+        if entry is None or not (entry.get("eval") or {}).get("result"):
+            missing.append(f"{config.name}{shown} {mode} seed {seed}: "
+                           + ("not run" if entry is None else f"{entry.get('status')}, not scored"))
+        else:
+            rows.append((variant, entry))
     if missing:
         print("--report-only: these are not recorded yet (run without --report-only first):\n  "
               + "\n  ".join(missing), file=sys.stderr)
