@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import DataError, UsageError
-from .rundir import RunDir
+from .rundir import KILLED, RunDir
 
 ROLES = ("task", "backward", "optimizer", "teacher")
 _STAMP = re.compile(r"-(\d{8})-(\d{6})(?:-\d+)?$")
@@ -104,7 +104,7 @@ def resolve_run_dir(path: Path) -> Path:
 
 
 def open_run(path: Path) -> RunDir:
-    return RunDir.open(resolve_run_dir(path), secrets=[])
+    return RunDir.open(resolve_run_dir(path))
 
 
 def run_date(path: Path) -> datetime | None:
@@ -134,6 +134,17 @@ def _section(summary: dict, key: str) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def run_status(run: RunDir, summary: dict) -> tuple[str, str | None]:
+    """(status, reason) to show: the summary's, or `killed` with how to resume when the summary says
+    `running` but no process holds the run any more (it could not write its own end)."""
+    status = run.liveness(summary)
+    if status != KILLED:
+        return status, summary.get("reason")
+    config = summary.get("config_path") or "CONFIG"
+    return status, (f"the process ended without writing its end (killed or crashed) after step {summary.get('steps', 0)}; "
+                    f"resume with: autodiff train {config} --resume {run.path}")
+
+
 def run_row(path: Path) -> dict:
     """One `runs list` entry; never raises for a broken summary.json (its status says so)."""
     run = RunDir(path)
@@ -144,11 +155,14 @@ def run_row(path: Path) -> dict:
         summary, error = {}, e.headline()
     date = run_date(path)
     initial, best = _section(summary, "initial"), _section(summary, "best")
-    status = summary.get("status") or ("unreadable" if error else "unknown")
+    if error:
+        status, reason = "unreadable", error
+    else:
+        status, reason = run_status(run, summary)
     return {
         "run": path.name, "run_dir": str(path), "name": summary.get("name"),
         "date": date.strftime("%Y-%m-%dT%H:%M:%SZ") if date else None,
-        "status": status, "reason": summary.get("reason") if not error else error,
+        "status": status, "reason": reason,
         "mode": summary.get("mode"),
         "initial_val": initial.get("val"), "initial_test": initial.get("test"),
         "best_step": best.get("step"), "best_val": best.get("val"), "best_test": best.get("test"),
@@ -160,9 +174,8 @@ def run_row(path: Path) -> dict:
 def list_runs(runs_dir: Path) -> list[dict]:
     """The run directories directly under `runs_dir`, newest first; other folders are skipped."""
     runs_dir = Path(runs_dir)
-    if not runs_dir.exists():
-        raise UsageError(file=runs_dir, key="--runs-dir", expected="a folder of run directories", got="no such folder",
-                         hint="Runs are made by `autodiff train` (default --runs-dir runs).")
+    if not runs_dir.exists():  # no run yet: an empty list, not an error (CONTRACT)
+        return []
     if not runs_dir.is_dir():
         raise UsageError(file=runs_dir, key="--runs-dir", expected="a folder of run directories", got="a file")
     rows = [run_row(p) for p in runs_dir.iterdir() if RunDir.is_run_dir(p)]
@@ -174,7 +187,7 @@ def list_runs(runs_dir: Path) -> list[dict]:
 
 
 _STATUS_STYLE = {"completed": "green", "running": "cyan", "interrupted": "yellow", "budget_exhausted": "yellow",
-                 "failed": "red", "unreadable": "red"}
+                 "failed": "red", "unreadable": "red", KILLED: "red"}
 
 
 def runs_list_command(runs_dir: Path, json_out: bool) -> None:
@@ -183,7 +196,8 @@ def runs_list_command(runs_dir: Path, json_out: bool) -> None:
         print(json.dumps(rows, ensure_ascii=False, indent=2))
         return
     if not rows:
-        print(f"no run directories in {runs_dir}", file=sys.stderr)
+        where = "" if Path(runs_dir).is_dir() else " (no such folder yet)"
+        print(f"no runs in {runs_dir}{where}; `autodiff train CONFIG` makes one")
         return
     headers = ["run", "date (UTC)", "status", "mode", "best val", "best test", "steps", "cost"]
     table = []
@@ -228,14 +242,15 @@ def usage_rows(usage: Any) -> list[list[str]]:
     for role, u in usage.items():
         if not isinstance(u, dict):
             continue
-        if not any(u.get(k) for k in ("calls", "cached_calls", "errors", "prompt_tokens", "completion_tokens")):
+        if not any(u.get(k) for k in ("calls", "cached_calls", "errors", "unsent", "prompt_tokens", "completion_tokens")):
             continue
         rows.append([str(role), str(u.get("calls", 0)), str(u.get("cached_calls", 0)), str(u.get("errors", 0)),
-                     str(u.get("prompt_tokens", 0)), str(u.get("completion_tokens", 0)), fmt_cost(u.get("cost_usd"))])
+                     str(u.get("unsent", 0)), str(u.get("prompt_tokens", 0)), str(u.get("completion_tokens", 0)),
+                     fmt_cost(u.get("cost_usd"))])
     return rows
 
 
-USAGE_HEADERS = ["role", "calls", "cached", "errors", "prompt tok", "completion tok", "cost"]
+USAGE_HEADERS = ["role", "calls", "cached", "errors", "unsent", "prompt tok", "completion tok", "cost"]
 
 
 def proposal_params(proposal: dict) -> str:
@@ -281,7 +296,9 @@ def show_run(run_dir: Path, json_out: bool) -> None:
     summary = run.read_summary()
     metrics = run.read_metrics()
     if json_out:
-        print(json.dumps({"run_dir": str(run.path), "summary": summary, "steps": metrics}, ensure_ascii=False, indent=2))
+        status, reason = run_status(run, summary) if summary else (None, None)
+        print(json.dumps({"run_dir": str(run.path), "status": status, "reason": reason, "summary": summary,
+                          "steps": metrics}, ensure_ascii=False, indent=2))
         return
     tty = stdout_is_tty()
     console = _console() if tty else None
@@ -305,9 +322,8 @@ def show_run(run_dir: Path, json_out: bool) -> None:
     else:
         name = summary.get("name") or "-"
         out(f"  pipeline:  {name}, mode {summary.get('mode') or '-'}, seed {summary.get('seed', '-')}")
-        status = summary.get("status") or "-"
-        out(f"  status:    {status}" + (f" ({summary['reason']})" if summary.get("reason") else ""),
-            _STATUS_STYLE.get(status))
+        status, reason = run_status(run, summary)
+        out(f"  status:    {status}" + (f" ({reason})" if reason else ""), _STATUS_STYLE.get(status))
         out(f"  models:    {_models_line(summary.get('models'))}")
         best_step = best.get("step")
         out(f"  val:       initial {fmt_score(initial.get('val'))} -> best {fmt_score(best.get('val'))}"
@@ -322,7 +338,7 @@ def show_run(run_dir: Path, json_out: bool) -> None:
         if rows:
             out("")
             out("usage", "bold")
-            _print_table(USAGE_HEADERS, rows, right=range(1, 7), indent="  ")
+            _print_table(USAGE_HEADERS, rows, right=range(1, 8), indent="  ")
     out("")
     out("steps", "bold")
     if not metrics:

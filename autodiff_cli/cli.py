@@ -6,13 +6,14 @@ that `autodiff --help` answers at once.
 from __future__ import annotations
 
 import sys
+import traceback
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from .console import set_quiet
-from .errors import EXIT_INTERRUPTED, AutodiffError
+from .errors import EXIT_INTERRUPTED, AutodiffError, UsageError
 
 app = typer.Typer(
     name="autodiff",
@@ -44,19 +45,31 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for
         run_guarded(load_env_file, env_file)
 
 
+def _debug_traceback() -> None:
+    if _state["debug"]:
+        traceback.print_exc()
+
+
 def _fail(err: AutodiffError) -> None:
     print(err.render(), file=sys.stderr)
     raise typer.Exit(err.exit_code)
 
 
 def run_guarded(fn, *args, **kwargs):
-    """Run a command body: AutodiffError -> one paragraph and its exit code; Ctrl-C -> 130."""
+    """Run a command body: AutodiffError -> one paragraph and its exit code; Ctrl-C -> 130.
+    With --debug the traceback comes first; the paragraph and the exit code stay the same."""
     try:
         return fn(*args, **kwargs)
     except AutodiffError as err:
-        if _state["debug"]:
-            raise
+        _debug_traceback()
         _fail(err)
+    except RecursionError:
+        # last resort: inputs are checked for depth where they are read (spec, --set, prompts files), so
+        # this is input no check located; it is still the input's fault, never a crash with exit 1
+        _debug_traceback()
+        _fail(UsageError("an input is nested too deeply to process (Python's recursion limit was reached)",
+                         hint="Look for a value with hundreds of nested [ or { in the config, a --set value, "
+                              "a data or prompts file; `autodiff --debug ...` shows where it was read."))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise typer.Exit(EXIT_INTERRUPTED)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -139,12 +138,9 @@ def eval_command(config: Path, *, prompts: Path | None, run: Path | None, split:
 
 
 def _write_rows(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-    os.replace(tmp, path)
+    from .files import atomic_write_text, jsonl_text
+
+    atomic_write_text(path, jsonl_text(rows, default=str))
 
 
 def _print_eval_table(result: dict, report) -> None:
@@ -156,12 +152,12 @@ def _print_eval_table(result: dict, report) -> None:
     console.print(f"{result['name']} [{result['split']}]: score {score} on {result['completed']}/{result['n']} examples"
                   f" ({result['errors']} errors) in {result['wall_seconds']:.1f}s", markup=False)
     table = Table(title=None, show_edge=False)
-    for col in ("role", "calls", "cached", "errors", "prompt tok", "completion tok", "cost $"):
+    for col in ("role", "calls", "cached", "errors", "unsent", "prompt tok", "completion tok", "cost $"):
         table.add_column(col, justify="right" if col != "role" else "left")
     for role, u in result["usage"].items():
-        if u["calls"] or u["cached_calls"] or u["errors"]:
-            table.add_row(role, str(u["calls"]), str(u["cached_calls"]), str(u["errors"]), str(u["prompt_tokens"]),
-                          str(u["completion_tokens"]), f"{u['cost_usd']:.4f}")
+        if u["calls"] or u["cached_calls"] or u["errors"] or u.get("unsent"):
+            table.add_row(role, str(u["calls"]), str(u["cached_calls"]), str(u["errors"]), str(u.get("unsent", 0)),
+                          str(u["prompt_tokens"]), str(u["completion_tokens"]), f"{u['cost_usd']:.4f}")
     console.print(table)
 
 
@@ -170,7 +166,7 @@ def _print_eval_table(result: dict, report) -> None:
 
 def export_command(run_dir: Path, fmt: str, output: Path | None) -> None:
     from .export import check_format, export_prompts
-    from .rundir import atomic_write_bytes
+    from .files import atomic_write_bytes
 
     check_format(fmt)
     text = export_prompts(run_dir, fmt)

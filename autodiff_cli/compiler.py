@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
+import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -25,6 +27,57 @@ from .spec.models import FunctionNode, LLMNode, LoopNode, ParamSpec, unbuilt_key
 from .templates import Template, TemplateError, compile_template
 
 RESERVED = frozenset({"input", "state", "iteration", "loss", "output", "metric"})
+
+# Standard-library modules whose functions, handed model output or data as arguments, act on the machine:
+# a config may name them (configs are code, README "Trust model"), but `fn: os:system` is then a shell
+# driven by the model, so validate, eval and train say so. Listed by top-level name, so submodules count
+# (os.path, importlib.util, concurrent.futures); modules whose functions only compute (json, re, math,
+# string, codecs.decode, ...) are not, nor is anything outside the standard library (it may do anything:
+# the warning is for names that look harmless in a config and are not). A private C twin counts as its
+# module (_io is io, _pickle is pickle); os.system's own module is posix.
+RISKY_STDLIB = {
+    **dict.fromkeys(("os", "posix", "nt", "subprocess", "posixsubprocess", "pty", "shutil", "multiprocessing",
+                     "concurrent", "asyncio", "webbrowser", "pydoc", "ensurepip", "venv"),
+                    "which can run commands or touch files"),
+    **dict.fromkeys(("builtins", "importlib", "runpy", "code", "codeop", "pickle", "marshal", "shelve", "ctypes",
+                     "timeit", "doctest", "pdb", "bdb", "profile", "cProfile", "trace", "zipimport", "pkgutil"),
+                    "which can run or load arbitrary code"),
+    **dict.fromkeys(("io", "pathlib", "tempfile", "fileinput", "glob", "zipfile", "tarfile", "gzip", "bz2", "lzma",
+                     "dbm", "sqlite3", "mmap", "fcntl", "linecache"),
+                    "which can read, write or delete files"),
+    **dict.fromkeys(("socket", "ssl", "http", "urllib", "ftplib", "smtplib", "poplib", "imaplib", "telnetlib",
+                     "xmlrpc", "socketserver"),
+                    "which can reach the network"),
+    **dict.fromkeys(("sys", "signal", "resource"),
+                    "which can stop or change the running process"),
+}
+_STDLIB_DIRS = tuple(os.path.realpath(sysconfig.get_paths()[k]) for k in ("stdlib", "platstdlib"))
+
+
+def risky_stdlib_module(ref: str, fn: Callable | None) -> str | None:
+    """The risky standard-library module (RISKY_STDLIB) that `ref` (`module:function`) names, or that the
+    function it resolved to comes from (`shlex:os.system` is os.system); None for anything else."""
+    named = ref.partition(":")[0].strip() if ":" in ref else ""
+    target = inspect.unwrap(fn) if callable(fn) else None
+    owner = getattr(target, "__module__", None) or ""
+    for module in (named, owner):
+        top = module.split(".")[0]
+        if top.lstrip("_") in RISKY_STDLIB and _is_stdlib(top):
+            return top.lstrip("_") if module is owner else module
+    return None
+
+
+def _is_stdlib(top: str) -> bool:
+    """Whether the imported module `top` is the standard library's, not a project file that shadows its
+    name (a local code.py)."""
+    module = sys.modules.get(top)
+    if module is None:
+        return False
+    path = getattr(module, "__file__", None)
+    if path is None:  # built into the interpreter (sys, builtins, posix, marshal)
+        return top in sys.stdlib_module_names or top.lstrip("_") in sys.stdlib_module_names
+    path = os.path.realpath(path)
+    return path.startswith(_STDLIB_DIRS) and "site-packages" not in path
 
 
 @dataclass(frozen=True)
@@ -90,6 +143,18 @@ def scope_nodes(scope: Scope) -> list[CompiledNode]:
     return out
 
 
+def invocations(scope: Scope, repeat: int = 1) -> list[tuple[CompiledNode, int]]:
+    """Every node that runs (loop bodies included, loops themselves not) with the most times one
+    example can invoke it: a loop body runs up to max_iters times per invocation of its loop."""
+    out: list[tuple[CompiledNode, int]] = []
+    for node in scope.nodes.values():
+        if node.body is not None:
+            out += invocations(node.body, repeat * node.max_iters)
+        else:
+            out.append((node, repeat))
+    return out
+
+
 @dataclass
 class Metric:
     fn: Callable
@@ -97,6 +162,8 @@ class Metric:
     args: dict[str, Ref]
     key: KeyPath
     feedback: str = "template"
+    file: str | None = None  # where its `fn` is (the spec file or a --set), for errors while scoring
+    line: int | None = None
 
 
 @dataclass
@@ -109,6 +176,7 @@ class Program:
     params: dict[str, ParamSpec]
     graph: nx.DiGraph  # nodes, params, input, output and metric, for drawing and checks
     input_fields: set[str]
+    warnings: list[str] = field(default_factory=list)  # printed on stderr by compile_spec; never fatal
 
     @property
     def spec(self):
@@ -152,6 +220,7 @@ class Compiler:
         self.loop_names: set[str] = set()
         self.state_stack: list[set[str]] = []  # state keys of the loops being compiled, innermost last
         self.loop_states: dict[str, set[str]] = {}  # loop name -> its state keys (its output's fields)
+        self.warnings: list[str] = []
 
         def find_loops(nodes: dict) -> None:
             for name, node in nodes.items():
@@ -179,7 +248,15 @@ class Compiler:
         self._check_skip(set(scope.nodes))
         self._check_models()
         self._build_graph(scope, output, metric)
-        return Program(self.loaded, scope, output, metric, loss, dict(self.spec.params), self.graph, self.input_fields)
+        return Program(self.loaded, scope, output, metric, loss, dict(self.spec.params), self.graph, self.input_fields,
+                       self.warnings)
+
+    def _warn_if_risky(self, ref: str, fn: Callable, key: KeyPath) -> None:
+        module = risky_stdlib_module(ref, fn)
+        if module is not None:
+            where = self.err(key).location()
+            self.warnings.append(f"warning: {where}: {ref} is from the standard library module `{module}`, "
+                                 f"{RISKY_STDLIB[module.split('.')[0]]}; configs are code (see README \"Trust model\")")
 
     # ---------------------------------------------------------------- names
 
@@ -307,6 +384,11 @@ class Compiler:
         except TemplateError as e:
             raise self.err(key, expected="a valid Jinja2 template",
                            got=f"{e} (template line {e.line})" if e.line else str(e)) from None
+        except (RecursionError, MemoryError, SyntaxError) as e:
+            # Jinja parses nested expressions and blocks recursively, and Python compiles at most 20
+            # statically nested blocks (for loops) of the code Jinja generates
+            what = e.msg if isinstance(e, SyntaxError) else "expressions or blocks nested too deeply to parse"
+            raise self.err(key, expected="a valid Jinja2 template (nested less deeply)", got=what) from None
 
     def _llm(self, name: str, spec: LLMNode, key: KeyPath, visible: set[str], loop: CompiledNode | None) -> CompiledNode:
         node = CompiledNode(name, "llm", spec, key, model=spec.model)
@@ -357,6 +439,7 @@ class Compiler:
         except SpecError as e:
             raise self.err(key + ("fn",), expected=e.expected or "an importable `module:function`", got=e.got or e.message) from None
         node.fn = fn
+        self._warn_if_risky(spec.fn, fn, key + ("fn",))
         for arg, text in spec.args.items():
             ref = self._ref(text, key + ("args", arg), visible, set(), loop is not None)
             node.args[arg] = ref
@@ -430,9 +513,11 @@ class Compiler:
             fn = resolve_metric(spec.fn)
         except SpecError as e:
             raise self.err(key + ("fn",), expected=e.expected or "a metric name or `module:function`", got=e.got or e.message) from None
+        self._warn_if_risky(spec.fn, fn, key + ("fn",))
         args = {a: self._ref(t, key + ("args", a), visible, visible) for a, t in spec.args.items()}
         self._check_signature(fn, set(args), key)
-        return Metric(fn, spec.fn, args, key, getattr(spec, "feedback", "template"))
+        where = self.err(key + ("fn",))
+        return Metric(fn, spec.fn, args, key, getattr(spec, "feedback", "template"), where.file, where.line)
 
     # ---------------------------------------------------------------- usage checks
 
@@ -565,4 +650,8 @@ def _unique(refs: list[Ref]) -> list[Ref]:
 
 
 def compile_spec(loaded: LoadedSpec) -> Program:
-    return Compiler(loaded).compile()
+    """The Program of a loaded spec; its warnings (e.g. a function from a risky stdlib module) go to stderr."""
+    program = Compiler(loaded).compile()
+    for warning in program.warnings:
+        print(warning, file=sys.stderr)
+    return program

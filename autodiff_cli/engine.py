@@ -12,12 +12,13 @@ import copy
 import inspect
 import json
 import logging
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from .compiler import CompiledNode, Metric, Program, Ref, Scope
-from .errors import AutodiffError, ModelCallError
+from .errors import AutodiffError, ModelCallError, describe, describe_exception
 from .trace import Call, InputValue, Trace
 
 
@@ -170,7 +171,7 @@ class ForwardEngine:
         if node.spec.json_schema is not None:
             try:
                 output = json.loads(reply.text)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: a reply nested thousands deep
                 output = reply.text  # left for the parser downstream; the trace shows the raw text
         call.output = output
         return Slot(output, [call.id]), [call]
@@ -193,7 +194,7 @@ class ForwardEngine:
                 output = await output
         except Exception as e:
             raise PipelineError(
-                f"nodes.{node.name}: {node.fn_ref} raised {type(e).__name__}: {e} (example {run.trace.example_id})"
+                f"nodes.{node.name}: {node.fn_ref} raised {describe_exception(e)} (example {run.trace.example_id})"
             ) from e
         call.latency_s = time.perf_counter() - start
         call.output = output
@@ -235,14 +236,17 @@ def metric_inputs(metric: Metric, trace: Trace) -> dict[str, Slot]:
 
 
 def score(metric: Metric, trace: Trace) -> float:
-    """The metric of a completed trace, checked to be a number in [0, 1]."""
+    """The metric of a completed trace, checked to be a number in [0, 1] (the one place it is checked)."""
     kwargs = {arg: slot.value for arg, slot in metric_inputs(metric, trace).items()}
+    where = {"file": metric.file, "line": metric.line, "key": ".".join(map(str, metric.key + ("fn",)))}
     try:
         value = metric.fn(**kwargs)
     except Exception as e:
-        raise PipelineError(f"metric {metric.fn_ref} raised {type(e).__name__}: {e} (example {trace.example_id})") from e
+        raise PipelineError(f"{metric.fn_ref} raised {describe_exception(e)} (example {trace.example_id})",
+                            **where) from e
     if isinstance(value, bool):
         value = float(value)
-    if not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-        raise PipelineError(f"metric {metric.fn_ref} returned {value!r} for example {trace.example_id}; expected a number in [0, 1]")
+    if not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:  # NaN fails the comparison too
+        raise PipelineError(f"{metric.fn_ref} returned {describe(value)} for example {trace.example_id}, "
+                            "a score outside [0, 1] (a metric returns a number from 0 to 1)", **where)
     return float(value)

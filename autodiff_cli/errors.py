@@ -10,6 +10,7 @@ from __future__ import annotations
 import reprlib
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 # Exit codes fixed by CONTRACT.md.
 EXIT_OK = 0
@@ -48,6 +49,44 @@ def describe(value: Any, limit: int = 60) -> str:
     if len(text) > limit:
         text = text[: limit - 3] + "..."
     return text if isinstance(value, (str, int, float, bool)) else f"{type(value).__name__} {text}"
+
+
+def _userinfo(url: str) -> tuple[str, str | None] | None:
+    """(user, password or None) of a URL's `user:password@`, None when it has none."""
+    try:
+        netloc = urlsplit(url).netloc
+    except ValueError:
+        return None
+    userinfo, at, _ = netloc.rpartition("@")
+    if not at:
+        return None
+    user, colon, password = userinfo.partition(":")
+    return user, (password if colon else None)
+
+
+def redact_url(url: str) -> str:
+    """The URL without its credentials: scheme://user:***@host/... (a password hidden), or
+    scheme://***@host/... (a user name alone is usually a token). The one place URLs are redacted."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(a URL that cannot be parsed; not shown)"
+    info = _userinfo(url)
+    if info is None:
+        return url
+    user, password = info
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user + ':' if password is not None else ''}***@{host}"))
+
+
+def scrub_url_secret(text: str, url: str) -> str:
+    """`text` (e.g. a library's error message) with the secret of `url`'s credentials replaced by ***."""
+    info = _userinfo(url)
+    if info is None:
+        return text
+    user, password = info
+    secret = password if password is not None else user
+    return text.replace(secret, "***") if secret else text
 
 
 class AutodiffError(Exception):
@@ -145,3 +184,10 @@ class Interrupted(AutodiffError):
     """Ctrl-C or SIGTERM."""
 
     exit_code = EXIT_INTERRUPTED
+
+
+def describe_exception(error: BaseException) -> str:
+    """`Type: message` of an exception, for a message that wraps it ("... raised ValueError: bad input").
+    An AutodiffError gives its headline: its own `error: ` prefix and hint would be doubled."""
+    text = error.headline() if isinstance(error, AutodiffError) else str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -151,7 +151,7 @@ def _initial_value(entry: Any) -> str:
 
 
 def open_run(run_dir: Path) -> RunView:
-    run = RunDir.open(run_dir, secrets=[])
+    run = RunDir.open(run_dir)
     summary = run.read_summary()
     resolved = run.read_resolved()
     initial = {str(name): _initial_value(entry) for name, entry in _param_entries(resolved).items()}

@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
-import math
 import re
 import string
 import sys
@@ -16,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
-from autodiff_cli.errors import SpecError
+from autodiff_cli.errors import SpecError, describe_exception
 
 Metric = Callable[[Any, Any], float]
 
@@ -109,7 +108,7 @@ def resolve_metric(name_or_path: str) -> Metric:
             f"could not import metric {name_or_path!r}: module {module_name!r} has no function {attr!r}",
             key="metric",
         )
-    return _checked(fn, name_or_path)
+    return _checked(fn)
 
 
 def _import_module(module_name: str, spec_text: str) -> Any:
@@ -119,7 +118,7 @@ def _import_module(module_name: str, spec_text: str) -> Any:
         return importlib.import_module(module_name)
     except Exception as exc:  # any failure while importing user code is a spec problem
         raise SpecError(
-            f"could not import metric {spec_text!r}: {type(exc).__name__}: {exc}",
+            f"could not import metric {spec_text!r}: {describe_exception(exc)}",
             key="metric",
             hint="hint: the module must be importable (on PYTHONPATH or in the working directory)",
         ) from None
@@ -136,18 +135,14 @@ def _import_file(path: Path) -> Any:
     return module
 
 
-def _checked(fn: Callable[..., Any], name: str) -> Metric:
-    """Wrap a user metric so a wrong return value is reported clearly instead of corrupting scores."""
+def _checked(fn: Callable[..., Any]) -> Metric:
+    """A user metric as the engine calls it: any argument names (the spec's `args`), a bool as 0.0 or 1.0.
+    The range is checked where the score is used (engine.score, with the example's id), not in here: an
+    error raised in here would read as the metric itself raising."""
 
     @functools.wraps(fn)
-    def metric(pred: Any, target: Any) -> float:
-        value = fn(pred, target)
-        if isinstance(value, bool):
-            return float(value)
-        if not isinstance(value, (int, float)) or math.isnan(value) or not 0.0 <= value <= 1.0:
-            raise SpecError(
-                f"metric {name!r} returned {value!r}", key="metric", expected="a number in [0, 1]", got=repr(value)
-            )
-        return float(value)
+    def metric(*args: Any, **kwargs: Any) -> Any:
+        value = fn(*args, **kwargs)
+        return float(value) if isinstance(value, bool) else value
 
     return metric

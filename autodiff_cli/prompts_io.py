@@ -4,9 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
-
 from .errors import SpecError, describe
+from .spec.loader import check_json_depth, load_yaml_text
 from .spec.models import Spec
 
 
@@ -22,10 +21,14 @@ def load_prompts_file(path: Path, spec: Spec) -> dict[str, str]:
         raise SpecError(file=path, expected="a prompts file (a run's prompts.yaml or an export)", got="no such file") from None
     except UnicodeDecodeError:
         raise SpecError(file=path, expected="UTF-8 text", got="undecodable bytes") from None
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as e:
-        raise SpecError(file=path, expected="YAML or JSON", got=f"a syntax error ({e})") from None
+    if path.suffix == ".json":
+        check_json_depth(text, path)  # json.loads recurses: refuse absurd nesting with its line first
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise SpecError(file=path, expected="YAML or JSON", got=f"a syntax error ({e})") from None
+    else:  # the spec's YAML checks (nesting depth, duplicate keys, alias bombs), each error with its line
+        data = load_yaml_text(text, path, lines={})
     if isinstance(data, dict) and isinstance(data.get("params"), dict):
         data = data["params"]
     if not isinstance(data, dict):

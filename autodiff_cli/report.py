@@ -203,7 +203,7 @@ def _usage(summary: dict) -> list[str]:
     lines = ["## Usage and cost", ""]
     if not usage:
         return lines + ["No usage recorded yet."]
-    keys = ("calls", "cached_calls", "errors", "prompt_tokens", "completion_tokens")
+    keys = ("calls", "cached_calls", "errors", "unsent", "prompt_tokens", "completion_tokens")
     rows, totals = [], dict.fromkeys(keys, 0)
     for role, u in usage.items():
         u = _dict(u)
@@ -212,10 +212,11 @@ def _usage(summary: dict) -> list[str]:
         rows.append([role, f"`{models[role]}`" if models.get(role) else "-",
                      *(str(u.get(k, 0)) for k in keys), fmt_cost(u.get("cost_usd"))])
     rows.append(["**total**", "", *(str(totals[k]) for k in keys), fmt_cost(total_cost(usage))])
-    lines += _table(["role", "model", "calls", "cached", "errors", "prompt tokens", "completion tokens", "cost (USD)"],
-                    rows, right=range(2, 8))
-    lines += ["", f"Wall time: {fmt_seconds(summary.get('wall_seconds'))}. *cached*: replies served from the call "
-              "cache (they cost nothing)."]
+    lines += _table(["role", "model", "calls", "cached", "errors", "unsent", "prompt tokens", "completion tokens",
+                     "cost (USD)"], rows, right=range(2, 9))
+    lines += ["", f"Wall time: {fmt_seconds(summary.get('wall_seconds'))}. *calls*: requests that reached the "
+              "provider (*errors* among them); *cached*: replies served from the call cache (they cost nothing); "
+              "*unsent*: attempts that never reached the provider (connection refused, not sent in time)."]
     return lines
 
 
@@ -267,13 +268,13 @@ def render_plot(run: RunDir) -> bytes:
     return score_curve_png(points)
 
 
-def write_report(run_dir: str | Path, *, secrets: Sequence[str] = ()) -> Path:
+def write_report(run_dir: str | Path) -> Path:
     """(Re)write `report.md` and `score.png` in `run_dir`; returns the report's path.
 
-    `secrets` (API key values) are scrubbed like every run-directory file. Raises UsageError when
-    `run_dir` is not a run directory and DataError when one of its files is unreadable.
+    Raises UsageError when `run_dir` is not a run directory and DataError when one of its files is
+    unreadable.
     """
-    run = RunDir.open(Path(run_dir), secrets=list(secrets))
+    run = RunDir.open(Path(run_dir))
     png = render_plot(run)
     text = render_report(run)
     run._write(PLOT, png)

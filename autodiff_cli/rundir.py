@@ -1,10 +1,15 @@
 """The run directory `<runs-dir>/<name>-YYYYMMDD-HHMMSS[-n]/` (CONTRACT.md) and atomic file writes.
 
-Every file is written atomically (a temporary file in the same folder, flushed and fsynced, then
-`os.replace`d over the real one and the folder fsynced), so a crash leaves either the old file or
-the new one, never half of one. Every write goes through `RunDir._write`, which scrubs the run's
-secrets (API key values) from the data and from the serialized bytes: no key can land in a run
-directory.
+Every file is written atomically (files.atomic_write_bytes), so a crash leaves either the old file
+or the new one, never half of one. Nothing here rewrites what it is given: a run directory is the
+user's data, written byte for byte. API keys never reach it because nothing hands one to it (specs
+name key variables, never keys; provider errors are redacted where they are caught, in
+llm/client.describe_error).
+
+While `autodiff train` works on a run, it holds an exclusive lock on `run.lock` (fcntl.flock,
+which the kernel releases when the process ends, SIGKILL included). A summary that says
+`running` while nobody holds the lock is the summary of a process that died: `liveness()` tells
+the two apart, and a second `train --resume` of a run in use is refused.
 
 Files: config.yaml (the spec file's bytes), resolved.yaml (after --set and defaults), prompts.yaml
 (best value of every param), summary.json, metrics.jsonl (one row per step), checkpoint.json,
@@ -12,12 +17,11 @@ traces/step-NNNN.jsonl.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
-import sys
-import tempfile
-import time
+import socket
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,9 +29,7 @@ from typing import Any
 import yaml
 
 from .errors import DataError, UsageError
-
-SCRUBBED = "***"
-TMP_SUFFIX = ".tmp"
+from .files import TMP_SUFFIX, atomic_write_bytes, jsonl_line, jsonl_rows, jsonl_text
 _TRACE_FILE = re.compile(r"^step-(\d+)\.jsonl$")
 
 CONFIG = "config.yaml"
@@ -37,66 +39,9 @@ SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint.json"
 TRACES = "traces"
-
-
-# ---------------------------------------------------------------- atomic writes
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-PAUSE_ENV = "AUTODIFF_TEST_PAUSE_BEFORE_REPLACE"
-
-
-def _test_pause_before_replace(path: Path) -> None:
-    """Test-only (benchmarks/crash_trials.py): with AUTODIFF_TEST_PAUSE_BEFORE_REPLACE=<file name>:<seconds>,
-    say so on stderr and sleep between writing that file's temporary copy and replacing it, so a
-    crash can be aimed at the middle of an atomic write."""
-    name, _, seconds = os.environ.get(PAUSE_ENV, "").rpartition(":")
-    if name and path.name == name:
-        print(f"pause before replace {name}", file=sys.stderr, flush=True)
-        time.sleep(float(seconds))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` atomically: the old content or the new one survives a crash, never a mix.
-
-    The temporary file is a hidden `.<name>.<random>.tmp` in the same folder; it is removed on failure.
-    """
-    path = Path(path)
-    folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        mode = path.stat().st_mode & 0o777
-    except FileNotFoundError:
-        mode = 0o644
-    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        _test_pause_before_replace(path)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(folder)
+LOCK = "run.lock"
+USAGE_JOURNAL = "usage.jsonl"  # append-only: one line per usage change (llm/usage.Usage.journal_to)
+KILLED = "killed"  # shown by readers, never written: the process could not write it
 
 
 # ---------------------------------------------------------------- serialization
@@ -139,10 +84,9 @@ def run_dir_name(name: str, now: datetime | None = None) -> str:
 class RunDir:
     """One run's folder. Create it with `RunDir.create`, reopen it (resume, export) with `RunDir.open`."""
 
-    def __init__(self, path: Path, secrets: list[str] | tuple[str, ...] = ()) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        # longest first, so a secret containing another is replaced whole
-        self.secrets = sorted({s for s in secrets if isinstance(s, str) and s}, key=len, reverse=True)
+        self._lock_fd: int | None = None
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -154,7 +98,7 @@ class RunDir:
     # ---------------------------------------------------------------- create / open
 
     @classmethod
-    def create(cls, runs_dir: Path, name: str, *, config_path: Path, resolved: dict, secrets: list[str],
+    def create(cls, runs_dir: Path, name: str, *, config_path: Path, resolved: dict,
                now: datetime | None = None) -> "RunDir":
         """Make a new `<runs_dir>/<name>-YYYYMMDD-HHMMSS[-n]` (race-free) with config.yaml and resolved.yaml."""
         runs_dir = Path(runs_dir)
@@ -171,13 +115,13 @@ class RunDir:
                 break
             except FileExistsError:
                 n += 1
-        run = cls(candidate, secrets)
+        run = cls(candidate)
         run._write(CONFIG, Path(config_path).read_bytes())
-        run._write(RESOLVED, dump_yaml(run._scrub(resolved)))
+        run._write(RESOLVED, dump_yaml(resolved))
         return run
 
     @classmethod
-    def open(cls, path: Path, *, secrets: list[str]) -> "RunDir":
+    def open(cls, path: Path) -> "RunDir":
         """An existing run directory; anything else (no folder, a file, a folder `train` did not make)
         is a UsageError (exit 2)."""
         path = Path(path)
@@ -189,56 +133,82 @@ class RunDir:
         missing = [f for f in (CONFIG, RESOLVED) if not (path / f).is_file()]
         if missing:
             raise UsageError(file=path, expected=what, got="a folder without " + " and ".join(missing))
-        return cls(path, secrets)
+        return cls(path)
 
     @staticmethod
     def is_run_dir(path: Path) -> bool:
         path = Path(path)
         return path.is_dir() and (path / CONFIG).is_file() and (path / RESOLVED).is_file()
 
+    @property
+    def usage_journal(self) -> Path:
+        return self.path / USAGE_JOURNAL
+
+    # ---------------------------------------------------------------- who is running it
+
+    def acquire(self) -> None:
+        """Mark this run as worked on by this process until it ends (however it ends). A run that
+        another live process holds is a UsageError: two writers would interleave its files."""
+        if self._lock_fd is not None:
+            return
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            owner = self.lock_owner()
+            who = f"process {owner['pid']} on {owner['host']}" if owner else "another process"
+            raise UsageError(file=self.path, expected="a run no other process is working on",
+                             got=f"a run in use by {who}",
+                             hint="Wait for it to end (or stop it with Ctrl-C), then --resume.") from None
+        # who holds it, for `runs list`/`runs show` and the error above (the lock itself is the flock)
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode() + b"\n")
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
+
+    def lock_owner(self) -> dict | None:
+        try:
+            data = json.loads((self.path / LOCK).read_text(encoding="utf-8") or "null")
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def in_use(self) -> bool:
+        """True while a live process holds the run (an `autodiff train` working on it)."""
+        if self._lock_fd is not None:
+            return True
+        try:
+            fd = os.open(self.path / LOCK, os.O_RDONLY)
+        except FileNotFoundError:  # runs made before the lock existed, or never started
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # also drops the shared lock just taken
+        return False
+
+    def liveness(self, summary: dict | None = None) -> str:
+        """The run's status as a reader should show it: the summary's, except that a summary saying
+        `running` whose process is gone (SIGKILL, power loss, OOM killer) is `killed`."""
+        summary = self.read_summary() if summary is None else summary
+        status = summary.get("status") or "unknown"
+        if status == "running" and not self.in_use():
+            return KILLED
+        return status
+
     # ---------------------------------------------------------------- the one write path
 
-    def _scrub_text(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, SCRUBBED)
-            # the same secret as JSON would escape it (quotes, backslashes, control characters)
-            escaped = json.dumps(secret, ensure_ascii=False)[1:-1]
-            if escaped != secret:
-                text = text.replace(escaped, SCRUBBED)
-            escaped_ascii = json.dumps(secret)[1:-1]
-            if escaped_ascii not in (secret, escaped):
-                text = text.replace(escaped_ascii, SCRUBBED)
-        return text
-
-    def _scrub(self, data: Any) -> Any:
-        """`data` with every secret replaced in its strings (keys included), before serializing."""
-        if not self.secrets:
-            return data
-        if isinstance(data, str):
-            return self._scrub_text(data)
-        if isinstance(data, dict):
-            return {self._scrub(k): self._scrub(v) for k, v in data.items()}
-        if isinstance(data, list):
-            return [self._scrub(v) for v in data]
-        if isinstance(data, tuple):
-            return tuple(self._scrub(v) for v in data)
-        return data
-
     def _write(self, relative: str, content: str | bytes) -> Path:
-        """Every file of the run directory is written here: secrets scrubbed, then an atomic write."""
-        if isinstance(content, str):
-            data = self._scrub_text(content).encode("utf-8")
-        else:
-            data = content
-            for secret in self.secrets:
-                data = data.replace(secret.encode("utf-8"), SCRUBBED.encode())
-            try:  # escaped forms too, when the bytes are text
-                data = self._scrub_text(data.decode("utf-8")).encode("utf-8")
-            except UnicodeDecodeError:
-                pass
-        target = self.path / relative
-        atomic_write_bytes(target, data)
-        return target
+        """Every file of the run directory is written here, atomically and as given."""
+        data = content.encode("utf-8") if isinstance(content, str) else content
+        return atomic_write_bytes(self.path / relative, data)
 
     def _read_text(self, relative: str) -> str | None:
         try:
@@ -255,6 +225,8 @@ class RunDir:
         except ValueError as e:
             raise DataError(file=self.path / relative, line=getattr(e, "lineno", None), expected="JSON",
                             got=f"a syntax error ({e})") from None
+        except RecursionError:
+            raise DataError(file=self.path / relative, expected="JSON", got="nesting too deep to read") from None
 
     def _read_yaml(self, relative: str) -> Any:
         text = self._read_text(relative)
@@ -264,6 +236,12 @@ class RunDir:
             return yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise DataError(file=self.path / relative, expected="YAML", got=f"a syntax error ({e})") from None
+        except RecursionError:
+            raise DataError(file=self.path / relative, expected="YAML", got="nesting too deep to read") from None
+
+    def _read_jsonl(self, relative: str) -> list[dict]:
+        text = self._read_text(relative)
+        return [] if text is None else [row for _, row in jsonl_rows(text, self.path / relative)]
 
     # ---------------------------------------------------------------- config
 
@@ -280,7 +258,7 @@ class RunDir:
     # ---------------------------------------------------------------- summary
 
     def write_summary(self, summary: dict) -> None:
-        self._write(SUMMARY, _json(self._scrub(summary)) + "\n")
+        self._write(SUMMARY, _json(summary) + "\n")
 
     def read_summary(self) -> dict:
         """summary.json, or {} if the run has not written one yet."""
@@ -294,7 +272,7 @@ class RunDir:
     # ---------------------------------------------------------------- prompts
 
     def write_prompts(self, values: dict[str, str]) -> None:
-        self._write(PROMPTS, dump_yaml(self._scrub(dict(values))))
+        self._write(PROMPTS, dump_yaml(dict(values)))
 
     def read_prompts(self) -> dict[str, str]:
         """prompts.yaml ({param: value}), or {} if the run has not written one yet."""
@@ -314,28 +292,15 @@ class RunDir:
         old = self._read_text(METRICS) or ""
         if old and not old.endswith("\n"):
             old += "\n"
-        self._write(METRICS, old + _json(self._scrub(row), indent=None) + "\n")
+        self._write(METRICS, old + jsonl_line(row))
 
     def read_metrics(self) -> list[dict]:
-        text = self._read_text(METRICS)
-        if text is None:
-            return []
-        rows: list[dict] = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise DataError(file=self.path / METRICS, line=number, expected="one JSON object per line",
-                                got=f"a syntax error ({e})") from None
-            rows.append(row)
-        return rows
+        return self._read_jsonl(METRICS)
 
     # ---------------------------------------------------------------- checkpoint
 
     def write_checkpoint(self, state: dict) -> None:
-        self._write(CHECKPOINT, _json(self._scrub(state)) + "\n")
+        self._write(CHECKPOINT, _json(state) + "\n")
 
     def read_checkpoint(self) -> dict | None:
         data = self._read_json(CHECKPOINT)
@@ -350,12 +315,10 @@ class RunDir:
         return f"{TRACES}/step-{step:04d}.jsonl"
 
     def write_traces(self, step: int, rows: list[dict]) -> None:
-        text = "".join(_json(self._scrub(r), indent=None, default=str) + "\n" for r in rows)
-        self._write(self.trace_name(step), text)
+        self._write(self.trace_name(step), jsonl_text(rows, default=str))
 
     def read_traces(self, step: int) -> list[dict]:
-        text = self._read_text(self.trace_name(step))
-        return [] if text is None else [json.loads(line) for line in text.splitlines() if line.strip()]
+        return self._read_jsonl(self.trace_name(step))
 
     def trace_steps(self) -> list[int]:
         folder = self.path / TRACES
@@ -371,7 +334,7 @@ class RunDir:
         rows = self.read_metrics()
         kept = [r for r in rows if not (isinstance(r.get("step"), int) and r["step"] > step)]
         if len(kept) != len(rows):
-            self._write(METRICS, "".join(_json(self._scrub(r), indent=None) + "\n" for r in kept))
+            self._write(METRICS, jsonl_text(kept))
         for later in (s for s in self.trace_steps() if s > step):
             (self.path / self.trace_name(later)).unlink(missing_ok=True)
         for folder in (self.path, self.path / TRACES):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError
-from .rundir import atomic_write_bytes
+from .files import atomic_write_bytes
 
 CONFIG_NAME = "autodiff.yaml"
 

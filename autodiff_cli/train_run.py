@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -38,10 +37,6 @@ def _first_task(trainer) -> str:
     from .trainer import _task_model
 
     return _task_model(trainer.program)
-
-
-def secrets_of(spec) -> list[str]:
-    return [os.environ[m.api_key_env] for m in spec.models.values() if m.api_key_env and os.environ.get(m.api_key_env)]
 
 
 def summary_of(rd, spec, trainer, state, status: str, reason: str | None, tests: dict, config_path: Path) -> dict:
@@ -79,13 +74,13 @@ def train_command(config: Path, *, runs_dir: Path, resume: Path | None, dry_run:
     if dry_run:
         from .projection import print_projection
 
-        print_projection(p.program, splits, trainer)
+        print_projection(p.program, splits, trainer, json_out)
         return
 
     resolved = spec.model_dump(mode="json", by_alias=True)
-    secrets = secrets_of(spec)
     if resume is not None:
-        rd = RunDir.open(resume, secrets=secrets)
+        rd = RunDir.open(resume)
+        rd.acquire()  # before reading: a run another process is writing is refused
         if rd.read_resolved() != json.loads(json.dumps(resolved)):
             raise UsageError(f"{config} (with --set) differs from the run's resolved.yaml; resume with the same config and --set options",
                              hint=f"Compare with {rd.path / 'resolved.yaml'}.")
@@ -96,13 +91,20 @@ def train_command(config: Path, *, runs_dir: Path, resume: Path | None, dry_run:
             state = TrainState.from_dict(checkpoint["state"])
         rd.truncate_after(state.step)
         summary = rd.read_summary()
-        client.usage = Usage.from_dict(_spent_usage(summary, state)) if state.usage else client.usage
+        # every call any process of this run made, the abandoned step's too, even after a SIGKILL
+        journal = Usage.from_journal(rd.usage_journal)
+        if journal is not None:
+            client.usage = journal
+        elif state.usage:  # a run directory from before the journal: its last checkpoint's
+            client.usage = Usage.from_dict(state.usage)
         state.wall_seconds = _spent_wall(summary, state)
         log(f"resuming {rd.path} after step {state.step}")
     else:
-        rd = RunDir.create(runs_dir, spec.name, config_path=config, resolved=resolved, secrets=secrets)
+        rd = RunDir.create(runs_dir, spec.name, config_path=config, resolved=resolved)
+        rd.acquire()
         state = TrainState(values=initial_values(spec), initial_values=initial_values(spec))
         log(f"run directory {rd.path}")
+    client.usage.journal_to(rd.usage_journal)
     trainer.backward_engine.client = client
     client.before_call = BudgetGate(spec.train.budget, client.usage)
     wall_base, started = state.wall_seconds, time.monotonic()
@@ -135,6 +137,7 @@ def train_command(config: Path, *, runs_dir: Path, resume: Path | None, dry_run:
     rd.write_summary(summary_of(rd, spec, trainer, state, "running", None, {}, config))
 
     status, reason, code, tests = "completed", None, 0, {}
+    crash: Exception | None = None
 
     async def main() -> None:
         nonlocal tests
@@ -155,36 +158,34 @@ def train_command(config: Path, *, runs_dir: Path, resume: Path | None, dry_run:
             status, reason, code = "budget_exhausted", e.message, EXIT_BUDGET
         except ErrorRateExceeded as e:
             status, reason, code = "failed", e.message, EXIT_MODEL_ERRORS
+        except Exception as e:  # anything else still ends the run on disk: it never stays `running`
+            status, reason, crash = "failed", f"stopped by an error: {_one_line(e)}", e
         stop.after_loop()  # a Ctrl-C from here on must not cut the summary short
         # the state on disk is the last completed step's; the summary says how the run ended
         state.wall_seconds = wall_base + time.monotonic() - started
         rd.write_prompts(state.best_values or state.values)
         summary = summary_of(rd, spec, trainer, state, status, reason, tests, config)
         rd.write_summary(summary)
-        _write_report(rd, secrets)
+        _write_report(rd)
         log(f"{status}: {reason}; best val {_f(state.best_val)} at step {state.best_step} (initial {_f(state.initial_val)})"
             + (f"; test {_f(tests.get('initial'))} -> {_f(tests.get('best'))}" if tests.get("best") is not None else ""))
         if json_out:
             print(json.dumps(summary, ensure_ascii=False))
         print(rd.path)
         sys.stdout.flush()
+    client.usage.close_journal()
+    rd.release()
+    if crash is not None:
+        raise crash
     if code:
         raise typer.Exit(code)
 
 
-def _spent_usage(summary: dict, state) -> dict:
-    """The usage a resumed run continues from. The checkpoint's is the last completed step's; a run
-    that ended cleanly after it (failed, interrupted, budget_exhausted) wrote a summary for the same
-    step whose usage also counts the calls of the step it did not finish. Those calls were made
-    (and paid for), so that usage is the one to continue from, for the summary and the budget."""
-    usage = summary.get("usage")
-    if summary.get("steps") != state.step or not isinstance(usage, dict):
-        return state.usage
+def _one_line(error: Exception) -> str:
+    from .errors import AutodiffError
 
-    def calls(u: dict) -> int:
-        return sum(int(r.get("calls", 0)) for r in u.values() if isinstance(r, dict))
-
-    return usage if calls(usage) >= calls(state.usage) else state.usage
+    text = error.headline() if isinstance(error, AutodiffError) else f"{type(error).__name__}: {error}"
+    return " ".join(text.split())
 
 
 def _spent_wall(summary: dict, state) -> float:
@@ -196,15 +197,15 @@ def _spent_wall(summary: dict, state) -> float:
     return state.wall_seconds
 
 
-def _write_report(rd, secrets: list[str]) -> None:
+def _write_report(rd) -> None:
     """report.md + score.png; a report that cannot be written never fails the run."""
-    from .errors import AutodiffError
+    from .errors import AutodiffError, describe_exception
     from .report import write_report
 
     try:
-        write_report(rd.path, secrets=secrets)
+        write_report(rd.path)
     except (AutodiffError, OSError, ValueError) as e:
-        log(f"warning: report not written: {e}")
+        log(f"warning: report not written: {describe_exception(e)}")
 
 
 def _status_text(name: str, now: dict, state, trainer, usage, elapsed: float) -> str:

@@ -30,7 +30,7 @@ from .engine import score as score_trace
 from .errors import BudgetExhausted, ErrorRateExceeded, ModelCallError
 from .evaluate import EvalReport, evaluate
 from .grad.backward import BackwardEngine, Gradient, canonical
-from .grad.loss import Evaluation, evaluate_loss, llm_evaluation
+from .grad.loss import Evaluation, backward_calls_per_example, evaluate_loss, llm_evaluation
 from .optim import demos, gdpo
 from .trace import Trace
 
@@ -40,19 +40,45 @@ OPTIMIZER_CALL_FAILED = "optimizer call failed"  # a proposal's reason when its 
 
 @dataclass(frozen=True)
 class Strategy:
-    """What distinguishes the training modes; one step skeleton serves them all."""
+    """What distinguishes the training modes; one step skeleton serves them all. The step asks these
+    methods what to do, and `train --dry-run` asks the same ones for its bounds."""
 
     moving_batch: bool  # failed/correct examples accumulate across steps until an update is accepted
     gradients: bool  # run the backward pass (no_gradient: the optimizer sees samples only)
     backprop_correct: bool  # feedback for every example, correct ones included (TextGrad)
     validate: bool  # two-stage validation; without it every proposal is taken (TextGrad)
     max_proposals: int | None = None  # None: train.max_proposals
+    trains: bool = True  # mode none: the initial prompts are only scored
+
+    def proposals_per_step(self, cfg) -> int:
+        return self.max_proposals or cfg.max_proposals
+
+    def subset(self, failed: list, correct: list) -> list:
+        return failed + correct
+
+    def backprop(self, failed: list, subset: list) -> list:
+        """The examples whose traces get a backward pass (none without gradients)."""
+        if not self.gradients:
+            return []
+        return subset if self.backprop_correct else failed
+
+    def max_subset(self, cfg) -> int:
+        """The most examples of a step's subset (scored again for every validated proposal)."""
+        return cfg.max_error_samples + cfg.max_correct_samples if self.moving_batch else cfg.batch_size
+
+    def max_backprop(self, cfg) -> int:
+        if not self.gradients:
+            return 0
+        if not self.moving_batch:
+            return cfg.batch_size
+        return self.max_subset(cfg) if self.backprop_correct else cfg.max_error_samples
 
 
 STRATEGIES = {
     "autodiff": Strategy(moving_batch=True, gradients=True, backprop_correct=False, validate=True),
     "no_gradient": Strategy(moving_batch=True, gradients=False, backprop_correct=False, validate=True),
     "textgrad": Strategy(moving_batch=False, gradients=True, backprop_correct=True, validate=False, max_proposals=1),
+    "none": Strategy(moving_batch=False, gradients=False, backprop_correct=False, validate=True, trains=False),
 }
 
 
@@ -117,7 +143,7 @@ class Trainer:
         self.splits = splits
         self.on_step = on_step or (lambda state, row, trace_rows: None)
         self.on_phase = on_phase or (lambda phase, info: None)
-        self.strategy = STRATEGIES.get(self.cfg.mode, STRATEGIES["autodiff"])
+        self.strategy = STRATEGIES[self.cfg.mode]
         self.trainable = {n for n, p in program.params.items() if p.trainable and p.kind == "prompt"}
         self.backward_model = "backward" if "backward" in self.spec.models else _task_model(program)
         self.optimizer_model = "optimizer" if "optimizer" in self.spec.models else _task_model(program)
@@ -141,6 +167,12 @@ class Trainer:
 
     def total_steps(self) -> int:
         return min(self.cfg.max_steps, self.cfg.epochs * self.batches_per_epoch())
+
+    def planned_steps(self) -> list[tuple[int, str]]:
+        """(step, kind) of every step a run makes at most (none when the mode does not train)."""
+        if not self.strategy.trains:
+            return []
+        return [(s, self.step_kind(s)) for s in range(1, self.total_steps() + 1)]
 
     def batch_for(self, step: int) -> list[Example]:
         """Step s (1-based) takes batch s of a seeded shuffle per epoch: no RNG state to carry."""
@@ -261,7 +293,7 @@ class Trainer:
         else:  # the minibatch alone
             failed = [e for e in entries if e.score < self.cfg.fail_threshold]
             correct = [e for e in entries if e.score >= self.cfg.fail_threshold]
-        subset = failed + correct
+        subset = self.strategy.subset(failed, correct)
         row["subset_ids"] = [e.example.id for e in subset]
         row["subset_score"] = subset_score = sum(e.score for e in subset) / len(subset)
 
@@ -308,8 +340,8 @@ class Trainer:
         """Backward pass, then GDPO proposals for the params with feedback (or why there are none)."""
         evaluations = {e.example.id: evaluate_loss(self.program, e.trace, e.score, self.cfg.fail_threshold) for e in subset}
         gradients: list[Gradient] = []
-        if self.strategy.gradients:
-            backprop = subset if self.strategy.backprop_correct else failed
+        backprop = self.strategy.backprop(failed, subset)
+        if backprop:
             self.on_phase("backward", {"step": step, "examples": len(backprop)})
             gradients = await self._backward(backprop, evaluations)
             trace_rows += [{"kind": "gradient", **g.row()} for g in gradients]
@@ -335,7 +367,7 @@ class Trainer:
             new = {p.param: p.value for p in proposals if p.value is not None}
             return new, None, rows, "no usable proposal: " + "; ".join(p.reason for p in proposals)
 
-        return ProposalSource(next_proposal, self.strategy.validate, self.strategy.max_proposals or self.cfg.max_proposals)
+        return ProposalSource(next_proposal, self.strategy.validate, self.strategy.proposals_per_step(self.cfg))
 
     async def _demo_source(self, state: TrainState, step: int, batch: list[Example],
                            trace_rows: list[dict]) -> ProposalSource | str:
@@ -430,7 +462,7 @@ class Trainer:
     async def _backward(self, failed: list[PoolEntry], evaluations: dict[str, Evaluation]) -> list[Gradient]:
         async def one(entry: PoolEntry) -> list[Gradient]:
             ev = evaluations[entry.example.id]
-            if self.program.loss.feedback == "llm":
+            if backward_calls_per_example(self.program.loss):
                 ev = await llm_evaluation(self.client, self.backward_model, self.program, entry.trace, ev,
                                           entry.example.fields)
             return await self.backward_engine.backward(entry.trace, ev)
@@ -495,7 +527,7 @@ class Trainer:
             self.on_step(state, {}, [])
         else:
             await self.restore_pools(state)
-        if self.cfg.mode == "none":
+        if not self.strategy.trains:
             state.stop_reason = "mode none: initial prompts only"
             return state
         for step in range(state.step + 1, self.total_steps() + 1):
@@ -533,6 +565,10 @@ class BudgetGate:
         self.budget = budget
         self.usage = usage
         self.started = usage.total_calls()  # calls in flight count too, so the limit is never passed
+
+    def refund(self, role: str) -> None:
+        """An admitted attempt never reached the provider (ModelClient): it spent nothing."""
+        self.started -= 1
 
     def __call__(self, role: str) -> None:
         b = self.budget

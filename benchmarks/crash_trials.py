@@ -52,7 +52,11 @@ from pathlib import Path
 
 import yaml
 
+from autodiff_cli.errors import DataError
+from autodiff_cli.files import read_jsonl
+
 HERE = Path(__file__).resolve().parent
+PAUSING_CLI = HERE.parent / "tests" / "tools" / "pausing_cli.py"  # the CLI with the pause hook (test tooling)
 RESULTS = HERE / "RESULTS.md"
 SECTION = "crash"
 PAUSE_ENV = "AUTODIFF_TEST_PAUSE_BEFORE_REPLACE"
@@ -134,7 +138,7 @@ def make_project(folder: Path) -> Path:
 
 
 def train_cmd(folder: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "autodiff_cli.cli", "train", str(folder / "spec.yaml"),
+    return [sys.executable, str(PAUSING_CLI), "train", str(folder / "spec.yaml"),
             "--runs-dir", str(folder / "runs"), *extra]
 
 
@@ -254,12 +258,10 @@ def check_readable(run_dir: Path) -> list[str]:
             if p.suffix == ".json":
                 json.loads(text)
             elif p.suffix == ".jsonl":
-                for line in text.splitlines():
-                    if line.strip():
-                        json.loads(line)
+                read_jsonl(p)
             elif p.suffix == ".yaml":
                 yaml.safe_load(text)
-        except (ValueError, yaml.YAMLError, UnicodeDecodeError) as e:
+        except (ValueError, yaml.YAMLError, UnicodeDecodeError, DataError) as e:
             problems.append(f"{rel}: {type(e).__name__}: {e}")
     return problems
 
@@ -340,7 +342,7 @@ def _run_trial(trial: Trial, ref: Reference, folder: Path) -> None:
         problems.append(f"best {summary['best']}, the reference's {ref.best}")
     if (run_dir / "prompts.yaml").read_text() != ref.prompts:
         problems.append("prompts.yaml differs from the reference's")
-    steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    steps = [row["step"] for row in read_jsonl(run_dir / "metrics.jsonl") or []]
     if steps != list(range(1, ref.steps + 1)):
         problems.append(f"metrics.jsonl steps {steps}")
     problems += check_readable(run_dir)
@@ -372,6 +374,119 @@ def counts(trials: list[Trial]) -> dict:
         c[kind] = sum(t.kind == kind and t.outcome != "missed" and t.on_target for t in trials)
     c["off_target"] = sum(t.outcome != "missed" and not t.on_target for t in trials)
     return c
+
+
+# ---------------------------------------------------------------- killed under faults, with a dummy key
+
+# Over HTTP this time: the fake server (autodiff_cli/llm/fake_server.py) answers from the same script.
+# 15% of requests fail, a third each as 500, 429 and a reset connection, seeded per request body (the
+# same pattern every time); max_retries 8 makes a call that fails every attempt vanishingly rare.
+KILL_FAULTS = ({"kind": "500", "rate": 0.05}, {"kind": "429", "rate": 0.05, "retry_after": 0},
+               {"kind": "reset", "rate": 0.05})
+KILL_LATENCY = 0.2  # seconds per request: the kill lands while a proposal's optimizer request is held
+KILL_KEY_ENV = "CRASH_TRIALS_KEY"
+
+
+def http_project(folder: Path, api_base: str) -> Path:
+    spec = make_project(folder)
+    model = (f'{{model: openai/fake, api_base: "{api_base}", api_key_env: {KILL_KEY_ENV}, max_retries: 8, '
+             "timeout: 10}")
+    spec.write_text(SPEC.replace("{model: fake/script.yaml}", model), encoding="utf-8")
+    return spec
+
+
+def comparable(data: dict) -> dict:
+    """summary.json or checkpoint.json without usage, wall time and place (the run's folder, the config's
+    path): what must be the same, byte for byte once serialised, between two runs of one training."""
+    data = json.loads(json.dumps(data))
+    for key in ("usage", "wall_seconds", "run_dir", "config_path"):
+        data.pop(key, None)
+    if isinstance(data.get("state"), dict):
+        for key in ("usage", "wall_seconds"):
+            data["state"].pop(key, None)
+    return data
+
+
+def run_killed_under_faults(work: Path, key: str, kill_step: int = 2) -> dict:
+    """`autodiff train` against the fake server with the API key `key` (a dummy such as `x` or `null`),
+    15% of its requests failing, SIGKILLed in the middle of step `kill_step` while that step's first
+    optimizer request is at the server, then `--resume`d against the same server. Its prompts, summary
+    and checkpoint must be what an uninterrupted, fault-free run writes (usage, wall time and place
+    aside), and its usage must equal the server's counts. Returns {problems, ...}."""
+    from autodiff_cli.llm import fake
+    from autodiff_cli.llm.fake_server import FakeServer
+
+    def command(spec: Path, folder: Path, key: str, *extra) -> tuple[list[str], dict]:
+        assert spec == folder / "spec.yaml"  # train_cmd's
+        env = {**env_for(folder), KILL_KEY_ENV: key}
+        env.pop("AUTODIFF_CACHE_URL", None)
+        return train_cmd(folder, *map(str, extra)), env
+
+    problems: list[str] = []
+    ref_dir, bad_dir = work / "reference-http", work / f"killed-{key}"
+    for folder in (ref_dir, bad_dir):
+        shutil.rmtree(folder, ignore_errors=True)
+        make_project(folder)  # the script the server reads
+    fake.reset_fake_state()
+    with FakeServer(ref_dir / "script.yaml", latency=0.0).in_thread() as srv:
+        cmd, env = command(http_project(ref_dir, srv.api_base), ref_dir, "a-reference-key-0123456789")
+        ref = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    if ref.returncode != 0:
+        raise RuntimeError(f"the fault-free reference run failed:\n{ref.stderr[-2000:]}")
+    ref_run = Path(ref.stdout.strip().splitlines()[-1])
+
+    fake.reset_fake_state()
+    with FakeServer(bad_dir / "script.yaml", latency=KILL_LATENCY, faults=KILL_FAULTS).in_thread() as srv:
+        spec = http_project(bad_dir, srv.api_base)
+        cmd, env = command(spec, bad_dir, key)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        killed_in = None
+        for line in proc.stderr:  # the status lines (no terminal: one timestamped line per phase)
+            m = PHASE.search(line)
+            if m and m.group(1) == "propose" and int(m.group(2)) == kill_step:
+                time.sleep(KILL_LATENCY / 2)  # its optimizer request has reached the server, which holds it
+                killed_in = line.strip()
+                proc.kill()
+                break
+        proc.wait(timeout=60)
+        proc.stderr.close()
+        proc.stdout.close()
+        runs = list((bad_dir / "runs").iterdir()) if (bad_dir / "runs").is_dir() else []
+        if killed_in is None or proc.returncode != -signal.SIGKILL or len(runs) != 1:
+            raise RuntimeError(f"the run was not killed in step {kill_step} (exit {proc.returncode}, "
+                               f"{len(runs)} run folders)")
+        run_dir = runs[0]
+        at_kill = json.loads((run_dir / "summary.json").read_text())
+        if (at_kill["status"], at_kill["steps"]) != ("running", kill_step - 1):
+            problems.append(f"at the kill the summary says {at_kill['status']} after step {at_kill['steps']}")
+        cmd, env = command(spec, bad_dir, key, "--resume", run_dir)
+        resumed = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        if resumed.returncode != 0:
+            problems.append(f"--resume exited {resumed.returncode}: {resumed.stderr[-1500:]}")
+        time.sleep(0.05)  # closed connections reach the counters
+        stats = srv.stats()
+
+    if (run_dir / "prompts.yaml").read_bytes() != (ref_run / "prompts.yaml").read_bytes():
+        problems.append("prompts.yaml differs from the uninterrupted fault-free run's")
+    for name in ("summary.json", "checkpoint.json"):
+        got, want = (comparable(json.loads((d / name).read_text())) for d in (run_dir, ref_run))
+        if got != want:
+            problems.append(f"{name} differs from the fault-free run's in "
+                            f"{sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))}")
+    usage = json.loads((run_dir / "summary.json").read_text())["usage"]
+    total = {k: sum(u.get(k, 0) for u in usage.values()) for k in ("calls", "errors", "unsent")}
+    server = {"calls": stats["requests"], "errors": sum(stats["errors"].values()), "unsent": 0}
+    problems += [f"usage {k} {total[k]} != server {server[k]}" for k in ("calls", "unsent") if total[k] != server[k]]
+    # the request in flight at the kill got an answer (maybe an injected error) nobody read: the killed
+    # process could count it as a call, not know how it ended
+    if not server["errors"] - 1 <= total["errors"] <= server["errors"]:
+        problems.append(f"usage errors {total['errors']} against the server's {server['errors']}")
+    fired = sum(stats["faults"].values())
+    if not fired:
+        problems.append("no fault fired: the scenario tested nothing")
+    return {"problems": problems, "key": key, "killed_in": killed_in, "requests": stats["requests"],
+            "faults": fired, "usage_calls": total["calls"], "best": comparable(json.loads(
+                (run_dir / "summary.json").read_text()))["best"]}
 
 
 # ---------------------------------------------------------------- RESULTS.md

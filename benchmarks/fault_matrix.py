@@ -38,7 +38,14 @@ succeeds; `permanent` = it always fails. Targets:
 
 Every case also checks that usage (calls, errors, prompt and completion tokens) equals the
 server's own counts exactly (calls = requests, errors = error answers, calls - errors = replies
-with text); after a resume, the final summary's usage equals the two servers' counts together.
+with text) and that no attempt was counted as `unsent` (the server was always listening); after a
+resume, the final summary's usage equals the two servers' counts together.
+
+Cold process: the cases above run in the test's own process, where litellm, the openai SDK and
+httpx are already imported and their clients built. `eval (cold process)` runs the transient eval
+cases of COLD_KINDS in a fresh interpreter (`python -m autodiff_cli.cli`; the backoff is then the
+CLI's own), so the first wave of attempts meets a cold client: their timeouts must not run out
+before their requests are sent, and usage must still equal what the server saw.
 
 Columns of the RESULTS table: injected (faults the server fired), retried (failed attempts the
 client tried again; for malformed JSON: rejected proposals followed by another proposal), reported
@@ -57,9 +64,11 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -81,6 +90,9 @@ if str(ROOT) not in sys.path:
 from tests.specs import COUNT_PIPELINE, TOY_SCRIPT  # noqa: E402  (the toy training setup the tests share)
 
 KINDS = ("429", "500", "503", "reset", "timeout", "empty", "truncated", "malformed", "context_length")
+# timeout: a cold start used to run out the first attempts' 0.5 s before they were sent; reset: a
+# connection reset after the request was read is a call, not an unsent attempt
+COLD_KINDS = ("timeout", "reset")
 SHAPES = ("transient", "permanent")
 MAX_RETRIES = 3
 TIMEOUT = 0.5  # seconds per attempt in the timeout cases (the server holds the request until the client gives up)
@@ -119,17 +131,23 @@ def spec_text(api_base: str, timeout: float) -> str:
 class Case:
     kind: str
     shape: str
-    command: str  # eval | train | train (optimizer only)
+    command: str  # eval | eval (cold process) | train | train (optimizer only)
 
     @property
     def id(self) -> str:
-        return f"{self.kind}-{self.shape}-{self.command.split()[0]}" + ("-optimizer" if "optimizer" in self.command else "")
+        return (f"{self.kind}-{self.shape}-{self.command.split()[0]}" + ("-optimizer" if "optimizer" in self.command else "")
+                + ("-cold" if self.cold else ""))
+
+    @property
+    def cold(self) -> bool:
+        """Run the command in a fresh interpreter (nothing of litellm imported yet)."""
+        return self.command == "eval (cold process)"
 
     def target(self) -> str:
         """What the fault hits: all | step2 | val | optimizer."""
         if self.command == "train (optimizer only)":
             return "optimizer"
-        if self.command == "eval":
+        if self.command.startswith("eval"):
             return "all" if self.shape == "transient" else "val"
         if self.shape == "permanent" or self.kind == "context_length":
             return "step2"
@@ -165,6 +183,10 @@ def all_cases(kinds: tuple[str, ...] = KINDS) -> list[Case]:
             cases.append(Case(kind, shape, "train"))
         cases.append(Case(kind, "permanent", "train (optimizer only)"))
     return cases
+
+
+def cold_cases(kinds: tuple[str, ...] = COLD_KINDS) -> list[Case]:
+    return [Case(kind, "transient", "eval (cold process)") for kind in kinds]
 
 
 @dataclass
@@ -215,8 +237,8 @@ def instrumented() -> Iterator[Failures]:
         client.base_delay = 0.0
         return client
 
-    def failure(self, target, role, attempts, error, api_key):
-        err = real_failure(self, target, role, attempts, error, api_key)
+    def failure(self, target, role, attempts, error, api_key, *rest):
+        err = real_failure(self, target, role, attempts, error, api_key, *rest)
         failures.calls.append((role, attempts, err.last_error))
         return err
 
@@ -259,6 +281,18 @@ def cli(args: list[str], folder: Path) -> tuple[int, str, str, Failures]:
     return res.exit_code, res.stdout, res.stderr, failures
 
 
+def cli_cold(args: list[str], folder: Path) -> tuple[int, str, str]:
+    """The CLI in a fresh interpreter: litellm, the openai SDK and httpx start cold."""
+    env = {**os.environ, KEY_ENV: "fault-matrix-key", "AUTODIFF_CACHE": str(folder / "cache"),
+           "AUTODIFF_DATA": str(folder)}
+    env.pop("AUTODIFF_CACHE_URL", None)
+    r = subprocess.run([sys.executable, "-m", "autodiff_cli.cli", *map(str, args)], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=600)
+    if "Traceback" in r.stderr:
+        raise RuntimeError(f"`autodiff {args[0]}` crashed in a fresh process:\n{r.stderr[-3000:]}")
+    return r.returncode, r.stdout, r.stderr
+
+
 def make_project(folder: Path, api_base: str, timeout: float) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "script.yaml").write_text(TOY_SCRIPT % {"new": NEW_VALUE}, encoding="utf-8")
@@ -281,7 +315,9 @@ def server(folder: Path, faults: list[dict], port: int = 0):
 
 
 def run_command(folder: Path, command: str, faults: list[dict], timeout: float, extra: list[str] = (),
-                port: int = 0) -> Result:
+                port: int = 0, cold: bool = False) -> Result:
+    """Run the command against a fresh fake server; `cold`: in a fresh interpreter, where the calls given
+    up cannot be recorded (Result.failures is empty: the error rows tell)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "script.yaml").write_text(TOY_SCRIPT % {"new": NEW_VALUE}, encoding="utf-8")
     with server(folder, faults, port) as srv:
@@ -290,10 +326,15 @@ def run_command(folder: Path, command: str, faults: list[dict], timeout: float, 
             args = ["eval", spec, "--split", "val", "--json", "--out", folder / "rows.jsonl", *extra]
         else:
             args = ["train", spec, "--runs-dir", folder / "runs", *extra]
-        code, out, err, failures = cli(args, folder)
+        if cold:
+            code, out, err = cli_cold(args, folder)
+            given_up = []
+        else:
+            code, out, err, failures = cli(args, folder)
+            given_up = failures.calls
         time.sleep(0.05)  # abandoned (timed-out) connections reach the server's counters
         stats = srv.stats()
-    return Result(code, out, err, stats, failures.calls)
+    return Result(code, out, err, stats, given_up)
 
 
 # ---------------------------------------------------------------- references
@@ -350,6 +391,9 @@ def usage_problems(usage: dict, stats: list[dict]) -> list[str]:
               "prompt_tokens": sum(s["prompt_tokens"] for s in stats),
               "completion_tokens": sum(s["completion_tokens"] for s in stats)}
     problems = [f"usage {k} {total[k]} != server {server[k]}" for k in total if total[k] != server[k]]
+    unsent = sum(u.get("unsent", 0) for u in usage.values())
+    if unsent:  # the server was listening: every attempt could reach it
+        problems.append(f"usage unsent {unsent}: attempts counted as never sent although the server was up")
     replies = sum(s["replies"] for s in stats)
     if total["calls"] - total["errors"] != replies:
         problems.append(f"usage calls - errors = {total['calls'] - total['errors']} != server replies {replies}")
@@ -379,7 +423,7 @@ def run_case(case: Case, ref: Reference, work: Path) -> Outcome:
     folder = work / case.id
     shutil.rmtree(folder, ignore_errors=True)
     try:
-        if case.command == "eval":
+        if case.command.startswith("eval"):
             _eval_case(case, ref, folder, out)
         else:
             _train_case(case, ref, folder, out)
@@ -393,7 +437,7 @@ def _eval_case(case: Case, ref: Reference, folder: Path, out: Outcome) -> None:
     runs = [("limit 0.5", ["--set", "train.max_error_rate=0.5"])] if case.shape == "permanent" else []
     runs.append(("default limit", []))
     for label, extra in runs:
-        res = run_command(folder / label.replace(" ", "-"), "eval", case.faults(), case.timeout(), extra)
+        res = run_command(folder / label.replace(" ", "-"), "eval", case.faults(), case.timeout(), extra, cold=case.cold)
         out.injected += injected(res.stats, case.kind)
         out.reported += len(res.failures)
         out.retried += sum(f for f in res.stats["errors"].values()) - len(res.failures)
@@ -558,7 +602,7 @@ def run_matrix(kinds: tuple[str, ...] = KINDS, work: Path | None = None, progres
     work.mkdir(parents=True, exist_ok=True)
     ref = references(work)
     outcomes = []
-    for case in all_cases(kinds):
+    for case in all_cases(kinds) + cold_cases(tuple(k for k in COLD_KINDS if k in kinds)):
         outcome = run_case(case, ref, work)
         outcomes.append(outcome)
         if progress:
@@ -600,8 +644,10 @@ def section(command: str, outcomes: list[Outcome], seconds: float, load: dict | 
              "context-length: the run must fail at step 2 with a reason, keep step 1, and `--resume` against the "
              "recovered server must reach the fault-free result); train (optimizer only): every optimizer request (step 1 has no proposal: above max_error_rate the run stops `failed`, initial prompts kept). "
              "Context-length is never retried; malformed optimizer JSON rejects the proposal with its reason. "
+             f"eval (cold process): the transient eval case of {', '.join(COLD_KINDS)} run in a fresh interpreter "
+             "(the CLI's own backoff), so the first attempts meet a cold litellm/openai/httpx. "
              "Usage exact = calls, errors and tokens in the command's usage equal the server's own counts "
-             "(after a resume: both servers').", "",
+             "(after a resume: both servers') and no attempt is counted as unsent.", "",
              f"{c['cases']} cases in {seconds:.0f} s: survived {c['survived']}, lost {c['lost']}, usage exact "
              f"{c['usage_exact']}/{c['cases']}, faults injected {c['injected']}.", "",
              "| fault | shape | command | injected | retried | reported | survived | lost | usage exact |",

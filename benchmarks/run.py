@@ -443,12 +443,9 @@ def ensure_scored(runner: Runner, state: State, config: Path, sets: list[str], e
 def read_rows(path: Path | None) -> dict[str, dict]:
     if path is None or not path.exists():
         return {}
-    rows = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            rows[str(row["id"])] = row
-    return rows
+    from autodiff_cli.files import read_jsonl  # "\n" only: eval --out rows may hold U+2028
+
+    return {str(row["id"]): row for row in read_jsonl(path) or []}
 
 
 def paired_diffs_by_id(initial: dict[str, dict], best: dict[str, dict]) -> dict[str, float]:

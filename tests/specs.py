@@ -89,3 +89,21 @@ data:
   test: test.jsonl
 """ + COUNT_PIPELINE.lstrip() + """train: {max_steps: 2, batch_size: 4, max_proposals: 2, max_error_samples: 2, max_correct_samples: 1, seed: 0}
 """
+
+
+# One llm node and a parser with train and val splits (name `mini`): specs that tests vary by one key.
+MINI_TRAIN = """\
+name: mini
+models:
+  task: {model: fake/script.yaml, temperature: 0}
+data:
+  train: train.jsonl
+  val: val.jsonl
+params:
+  instruction: {value: "Count the objects."}
+nodes:
+  count: {kind: llm, system: "{{ instruction }}", user: "{{ input.question }}"}
+  parse: {kind: function, fn: last_integer, args: {text: count}}
+output: parse
+metric: {fn: exact_match, args: {pred: parse, target: input.answer}}
+"""

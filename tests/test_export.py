@@ -72,7 +72,7 @@ def make_run(tmp_path, spec_text=SPEC, prompts=None, resolved_style="dump", reco
     config = write(project / "spec.yaml", spec_text)
     loaded = load_spec(config)
     resolved = loaded.spec.model_dump(by_alias=True, mode="json") if resolved_style == "dump" else loaded.raw
-    run = RunDir.create(tmp_path / "runs", loaded.spec.name, config_path=config, resolved=resolved, secrets=[])
+    run = RunDir.create(tmp_path / "runs", loaded.spec.name, config_path=config, resolved=resolved)
     run.write_prompts(prompts if prompts is not None else {"instruction": BEST, "style": "Be brief."})
     summary = {"schema_version": 1, "name": loaded.spec.name, "run_dir": str(run.path), "status": "completed",
                "initial": {"val": 0.0, "test": None}, "best": {"step": 3, "val": 0.5, "test": None}}

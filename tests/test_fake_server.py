@@ -85,7 +85,7 @@ def test_replies_follow_the_script_with_exact_usage(script, tmp_path):
     assert [(r.prompt_tokens, r.completion_tokens) for r in replies] == [(5, 6), (1, 1), (1, 1), (3, 1), (2, 3)]
     assert all(r.attempts == 1 and not r.cache_hit for r in replies)
     assert usage == {"calls": 5, "cached_calls": 0, "errors": 0, "prompt_tokens": 12, "completion_tokens": 12,
-                     "cost_usd": 0.0}
+                     "cost_usd": 0.0, "unsent": 0}
     assert stats["requests"] == 5 and stats["replies"] == 5 and stats["errors"] == {}
     assert (stats["prompt_tokens"], stats["completion_tokens"]) == (12, 12)
 

@@ -49,7 +49,7 @@ def test_the_matrix_covers_every_kind_shape_and_command():
     assert len({c.id for c in CASES}) == len(CASES)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize("case", CASES + M.cold_cases(), ids=[c.id for c in CASES + M.cold_cases()])
 def test_fault(case, reference, tmp_path):
     outcome = M.run_case(case, reference, tmp_path)
     assert outcome.survived and outcome.usage_exact, outcome.problems()
@@ -80,9 +80,9 @@ def test_an_error_scored_as_a_wrong_answer_is_caught(reference, tmp_path, errors
 
 
 def test_usage_dropped_by_a_resume_is_caught(reference, tmp_path, monkeypatch):
-    from autodiff_cli import train_run
+    from autodiff_cli.llm.usage import Usage
 
-    monkeypatch.setattr(train_run, "_spent_usage", lambda summary, state: state.usage)  # the checkpoint's only
+    monkeypatch.setattr(Usage, "from_journal", classmethod(lambda cls, path: None))  # the checkpoint's only
     outcome = M.run_case(M.Case("500", "permanent", "train"), reference, tmp_path)
     assert not outcome.usage_exact
     assert any(p.startswith("after --resume: usage calls") for p in outcome.problems())

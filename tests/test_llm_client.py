@@ -320,7 +320,8 @@ def test_usage_roundtrip_and_add():
     u.record("optimizer", cached_calls=4)
     d = u.to_dict()
     assert list(d) == list(ROLES)
-    assert list(d["task"]) == ["calls", "cached_calls", "errors", "prompt_tokens", "completion_tokens", "cost_usd"]
+    assert list(d["task"]) == ["calls", "cached_calls", "errors", "prompt_tokens", "completion_tokens", "cost_usd",
+                               "unsent"]
     assert Usage.from_dict(d) == u
     total = Usage().add(u).add(u)
     assert total.total_calls() == 4 and total.to_dict()["optimizer"]["cached_calls"] == 8

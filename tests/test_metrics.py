@@ -1,12 +1,15 @@
 """Builtin metrics, their edge cases, and resolving custom `module:function` metrics."""
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from typer.testing import CliRunner
 
+from autodiff_cli.cli import app
 from autodiff_cli.errors import SpecError
 from autodiff_cli.metrics import METRICS, accuracy, contains, exact_match, f1, normalize_answer, resolve_metric
 
@@ -113,10 +116,81 @@ def test_resolve_file_path(user_module):
     assert resolve_metric(f"{user_module / 'my_metrics.py'}:half")("a", "b") == 0.5
 
 
-def test_custom_metric_out_of_range_is_reported(user_module):
-    with pytest.raises(SpecError) as info:
-        resolve_metric("my_metrics:broken")("a", "b")
-    assert "metric: expected a number in [0, 1], got 7" in str(info.value)
+SPEC = """\
+name: scored
+models:
+  task: {model: fake/script.yaml}
+data:
+  val: val.jsonl
+nodes:
+  answer: {kind: llm, user: "{{ input.question }}"}
+output: answer
+metric: {fn: METRIC, args: ARGS}
+"""
+
+USER_METRICS = """\
+from autodiff_cli.errors import DataError
+
+def two(pred, target):
+    return 2.0
+
+def nan(pred, target):
+    return float("nan")
+
+def words(pred, target):
+    return "high"
+
+def boom(pred, target):
+    raise ValueError("bad input")
+
+def reads_a_file(pred, target):
+    raise DataError(file="gold.jsonl", line=3, key="answer", expected="a string", got="a list")
+
+def named(prediction, gold):
+    return float(prediction == gold)
+"""
+
+
+def eval_with_metric(tmp_path, monkeypatch, metric: str, args: str = "{pred: answer, target: input.answer}"):
+    (tmp_path / "script.yaml").write_text('default: "4"\n', encoding="utf-8")
+    (tmp_path / "val.jsonl").write_text('{"id": "q1", "question": "2+2?", "answer": "4"}\n', encoding="utf-8")
+    (tmp_path / "user_metrics_mod.py").write_text(USER_METRICS, encoding="utf-8")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC.replace("METRIC", metric).replace("ARGS", args), encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "user_metrics_mod", raising=False)
+    r = CliRunner().invoke(app, ["eval", str(spec), "--no-cache", "--quiet", "--json"])
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    return r, spec
+
+
+@pytest.mark.parametrize("fn, shown", [("two", "2.0"), ("nan", "nan"), ("words", "'high'")])
+def test_a_metric_returning_a_value_out_of_range_says_so_plainly(tmp_path, monkeypatch, fn, shown):
+    r, spec = eval_with_metric(tmp_path, monkeypatch, f"'user_metrics_mod:{fn}'")
+    assert r.exit_code == 2, r.output
+    assert r.stderr == (f"error: {spec}:9: metric.fn: user_metrics_mod:{fn} returned {shown} for example q1, a "
+                        "score outside [0, 1] (a metric returns a number from 0 to 1)\n")
+
+
+def test_a_metric_that_raises_is_reported_once_with_its_exception(tmp_path, monkeypatch):
+    r, spec = eval_with_metric(tmp_path, monkeypatch, "'user_metrics_mod:boom'")
+    assert r.exit_code == 2, r.output
+    assert r.stderr == f"error: {spec}:9: metric.fn: user_metrics_mod:boom raised ValueError: bad input (example q1)\n"
+
+
+def test_an_autodiff_error_raised_by_a_metric_keeps_a_single_error_prefix(tmp_path, monkeypatch):
+    r, spec = eval_with_metric(tmp_path, monkeypatch, "'user_metrics_mod:reads_a_file'")
+    assert r.exit_code == 2, r.output
+    assert r.stderr.count("error:") == 1, r.stderr
+    assert r.stderr.startswith(f"error: {spec}:9: metric.fn: user_metrics_mod:reads_a_file raised DataError: "
+                               "gold.jsonl:3: answer: expected a string, got a list (example q1)"), r.stderr
+
+
+def test_a_metric_with_its_own_argument_names_is_called_with_them(tmp_path, monkeypatch):
+    r, _ = eval_with_metric(tmp_path, monkeypatch, "'user_metrics_mod:named'",
+                            "{prediction: answer, gold: input.answer}")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["score"] == 1.0
 
 
 @pytest.mark.parametrize(
@@ -142,3 +216,17 @@ def test_module_that_raises_on_import(tmp_path, monkeypatch):
     with pytest.raises(SpecError) as info:
         resolve_metric("bad_metric_mod:fn")
     assert "RuntimeError: boom" in str(info.value)
+
+
+def test_an_autodiff_error_while_importing_a_metric_is_not_prefixed_twice(tmp_path, monkeypatch):
+    (tmp_path / "needs_config_mod.py").write_text(
+        "from autodiff_cli.errors import UsageError\n"
+        "raise UsageError(key='MY_SETTING', expected='a path', got='nothing')\n",
+        encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(SpecError) as info:
+        resolve_metric("needs_config_mod:fn")
+    message = str(info.value)
+    assert message.count("error:") == 1, message
+    assert ("could not import metric 'needs_config_mod:fn': UsageError: MY_SETTING: expected a path, got nothing"
+            in message)

@@ -341,9 +341,12 @@ def test_autodiff_side_at_quick_sizes_and_its_section(side, tmp_path):
                     assert st["val_calls"] - st["val_cancelled"] <= s.val * params
                 assert st["calls"]["optimizer"] == st["client_calls"]["optimizer"] == 2 * params
                 assert st["calls"]["backward"] == st["client_calls"]["backward"] >= 0
-                # calls the client cancelled are received (counted) but never completed on its side
+                # a call the client cancelled after sending it is counted on both sides; one cancelled
+                # between litellm's pre-call hook and the socket write only on the client's
                 assert st["cancelled"]["backward"] == st["cancelled"]["optimizer"] == 0
-                assert st["calls"]["task"] - st["cancelled"]["task"] >= st["client_calls"]["task"] > 0
+                cancelled = st["cancelled"]["task"]
+                assert st["calls"]["task"] - cancelled <= st["client_calls"]["task"] <= st["calls"]["task"] + cancelled
+                assert st["client_calls"]["task"] > 0
                 assert st["val_cancelled"] <= st["cancelled"]["task"]
                 assert 0 < st["busy_s"]["task"] <= st["wall_s"]
                 assert st["wall_s"] >= st["own_wall_s"] - 0.05 and st["own_wall_s"] > 0  # window = step + its writes

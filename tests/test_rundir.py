@@ -1,8 +1,10 @@
-"""The run directory: naming, atomic writes, secret scrubbing, metrics, resume truncation, open()."""
+"""The run directory: naming, atomic writes, data written as given, JSONL, liveness, metrics, resume truncation, open()."""
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -10,7 +12,8 @@ import pytest
 import yaml
 
 from autodiff_cli.errors import EXIT_USAGE, UsageError
-from autodiff_cli.rundir import RunDir, atomic_write_bytes
+from autodiff_cli.files import atomic_write_bytes
+from autodiff_cli.rundir import RunDir
 
 from .conftest import write
 
@@ -19,11 +22,11 @@ SPEC_TEXT = "name: tiny\n# a comment that only the file as given has\nparams:\n 
 RESOLVED = {"name": "tiny", "params": {"instruction": {"kind": "prompt", "value": "Count."}}}
 
 
-def make(tmp_path, secrets=(), now=NOW, name="tiny") -> RunDir:
+def make(tmp_path, now=NOW, name="tiny") -> RunDir:
     config = tmp_path / "spec.yaml"
     if not config.exists():
         write(config, SPEC_TEXT)
-    return RunDir.create(tmp_path / "runs", name, config_path=config, resolved=RESOLVED, secrets=list(secrets), now=now)
+    return RunDir.create(tmp_path / "runs", name, config_path=config, resolved=RESOLVED, now=now)
 
 
 def files_of(folder: Path) -> list[Path]:
@@ -110,42 +113,66 @@ def test_atomic_write_keeps_an_existing_files_mode(tmp_path):
     assert target.read_bytes() == b"b" and (target.stat().st_mode & 0o777) == 0o600
 
 
-# ---------------------------------------------------------------- secrets
+# ---------------------------------------------------------------- data as given
 
 
-@pytest.mark.parametrize("secret", ["sk-live-0123456789abcdef", 'key"with\\escapes\tand\u00e9'])
-def test_a_planted_secret_never_reaches_any_file(tmp_path, secret):
-    write(tmp_path / "spec.yaml", SPEC_TEXT + f"# oops: {secret}\n")
-    config = tmp_path / "spec.yaml"
-    with_secret = {"name": "tiny", "note": f"key={secret}", secret: "as a key", "list": [secret, (secret,)]}
-    run = RunDir.create(tmp_path / "runs", "tiny", config_path=config, resolved=with_secret,
-                        secrets=["", secret], now=NOW)
-    run.write_summary({"reason": f"auth failed for {secret}", "nested": {"k": [secret]}})
-    run.write_prompts({"instruction": f"Use {secret}\nplease"})
-    run.append_metrics({"step": 1, "error": secret})
-    run.append_metrics({"step": 2, "error": f"again {secret}"})
-    run.write_checkpoint({"messages": [{"content": secret}]})
-    run.write_traces(1, [{"feedback": f"the key is {secret}", "other": object()}])
+def test_every_file_holds_exactly_what_it_was_given(tmp_path):
+    """A run directory is the user's data: nothing rewrites it (an old scrubber turned every `x` of a
+    prompt into `***` when an API key was `x`)."""
+    run = make(tmp_path)
+    tricky = {"instruction": "exactly next max_tokens null task x *** \u2028 ok", "empty": ""}
+    run.write_prompts(tricky)
+    run.write_summary({"reason": "null", "status": "running", "note": "x" * 5})
+    run.write_checkpoint({"state": {"values": tricky}})
+    run.append_metrics({"step": 1, "proposals": [{"params": tricky}]})
+    run.write_traces(1, [{"feedback": "task null x"}])
+    assert run.read_prompts() == tricky
+    assert run.read_summary() == {"reason": "null", "status": "running", "note": "xxxxx"}
+    assert run.read_checkpoint() == {"state": {"values": tricky}}
+    assert run.read_metrics() == [{"step": 1, "proposals": [{"params": tricky}]}]
+    assert run.read_traces(1) == [{"feedback": "task null x"}]
+    assert (run.path / "config.yaml").read_bytes() == (tmp_path / "spec.yaml").read_bytes()
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x85"])  # not escaped by json.dumps
+def test_jsonl_files_survive_every_line_separator_python_knows(tmp_path, separator):
+    """metrics.jsonl and traces are written with raw unicode; str.splitlines() would cut a row holding
+    U+2028 (models emit it) in two, and --resume, runs show and the report would fail."""
+    run = make(tmp_path)
+    value = f"first{separator}second"
+    run.append_metrics({"step": 1, "proposals": [{"params": {"instruction": value}}]})
+    run.append_metrics({"step": 2, "proposals": []})
+    run.write_traces(1, [{"kind": "proposal", "value": value}, {"kind": "gradient", "feedback": value}])
+    assert [r["step"] for r in run.read_metrics()] == [1, 2]
+    assert run.read_metrics()[0]["proposals"][0]["params"]["instruction"] == value
+    assert [r["kind"] for r in run.read_traces(1)] == ["proposal", "gradient"]
     run.truncate_after(1)
-    written = files_of(run.path)
-    assert {p.name for p in written} >= {"config.yaml", "resolved.yaml", "summary.json", "prompts.yaml",
-                                         "metrics.jsonl", "checkpoint.json", "step-0001.jsonl"}
-    escaped = json.dumps(secret)[1:-1]
-    for p in written:
-        data = p.read_bytes()
-        assert secret.encode() not in data, p
-        assert escaped.encode() not in data, p
-        assert b"***" in data, p
-    # still readable after scrubbing
-    assert run.read_summary()["reason"] == "auth failed for ***"
-    assert run.read_prompts() == {"instruction": "Use ***\nplease"}
     assert [r["step"] for r in run.read_metrics()] == [1]
 
 
-def test_without_secrets_text_is_written_as_is(tmp_path):
-    run = make(tmp_path, secrets=[])
-    run.write_summary({"reason": "***-free text"})
-    assert run.read_summary() == {"reason": "***-free text"}
+def test_a_run_held_by_a_live_process_is_running_and_one_whose_process_died_is_killed(tmp_path):
+    run = make(tmp_path)
+    run.write_summary({"status": "running"})
+    assert run.liveness() == "killed"  # nobody holds it (a run made before its process could lock it)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from autodiff_cli.rundir import RunDir; r = RunDir.open(sys.argv[1]); r.acquire(); "
+        "print('held', flush=True); time.sleep(60)"), str(run.path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert run.in_use() and run.liveness() == "running"
+        assert run.lock_owner()["pid"] == holder.pid
+        with pytest.raises(UsageError, match=f"in use by process {holder.pid}"):
+            RunDir.open(run.path).acquire()  # a second writer is refused
+    finally:
+        holder.kill()  # SIGKILL: the process cannot clean up; the kernel drops its lock
+        holder.wait(timeout=30)
+    assert not run.in_use() and run.liveness() == "killed"
+    run.write_summary({"status": "completed"})
+    assert run.liveness() == "completed"
+    again = RunDir.open(run.path)
+    again.acquire()  # free again
+    assert again.in_use()
+    again.release()
 
 
 # ---------------------------------------------------------------- contents
@@ -211,7 +238,7 @@ def test_metrics_round_trip_and_truncate_after(tmp_path):
 
 def test_open_accepts_a_run_and_refuses_anything_else(tmp_path):
     run = make(tmp_path)
-    assert RunDir.open(run.path, secrets=[]).path == run.path
+    assert RunDir.open(run.path).path == run.path
 
     (tmp_path / "empty").mkdir()
     (tmp_path / "half").mkdir()
@@ -221,7 +248,7 @@ def test_open_accepts_a_run_and_refuses_anything_else(tmp_path):
                      (tmp_path / "empty", "without config.yaml and resolved.yaml"),
                      (tmp_path / "half", "without resolved.yaml")):
         with pytest.raises(UsageError) as info:
-            RunDir.open(bad, secrets=[])
+            RunDir.open(bad)
         err = info.value
         assert err.exit_code == EXIT_USAGE
         first = err.render().splitlines()[0]
@@ -233,4 +260,4 @@ def test_runs_dir_that_is_a_file_is_a_usage_error(tmp_path):
     write(tmp_path / "spec.yaml", SPEC_TEXT)
     write(tmp_path / "runs", "not a folder")
     with pytest.raises(UsageError):
-        RunDir.create(tmp_path / "runs", "tiny", config_path=tmp_path / "spec.yaml", resolved=RESOLVED, secrets=[])
+        RunDir.create(tmp_path / "runs", "tiny", config_path=tmp_path / "spec.yaml", resolved=RESOLVED)

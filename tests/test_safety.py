@@ -433,8 +433,10 @@ def test_a_key_in_a_provider_error_is_scrubbed_everywhere(tmp_path, monkeypatch)
     """A provider whose error message quotes the key (as real ones do on a bad key)."""
     from autodiff_cli.llm import client as client_module
 
-    async def leaky_attempt(self, target, messages, response_format, api_key):
+    async def leaky_attempt(self, target, messages, response_format, api_key, sends, **kw):
         import litellm
+
+        sends()  # it reached the provider, which answered with this error
 
         raise litellm.AuthenticationError(f"Incorrect API key provided: {api_key}. Check it.",
                                           llm_provider="openai", model="x")
@@ -514,3 +516,95 @@ def test_a_literal_key_given_with_set_is_refused_and_not_echoed(tmp_path, monkey
     assert result.exit_code == 2, result.output
     assert result.stderr.startswith("error: --set models.task"), result.stderr
     assert LITERAL not in result.output and LITERAL[3:] not in result.output
+
+
+# ---------------------------------------------------------------- functions from risky stdlib modules
+
+RISKY_SPEC = """
+name: risky
+models:
+  task: {model: fake/script.yaml}
+data:
+  train: train.jsonl
+  val: val.jsonl
+nodes:
+  answer: {kind: llm, user: "{{ input.question }}"}
+  run: {kind: function, fn: FN, args: {ARG: answer}}
+output: run
+metric: {fn: contains, args: {pred: run, target: input.answer}}
+"""
+
+
+def risky_project(tmp_path: Path, fn: str, arg: str) -> Path:
+    return project(tmp_path, RISKY_SPEC.replace("FN", fn).replace("ARG", arg))
+
+
+def warnings_of(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+
+
+def test_validate_warns_about_a_function_that_can_run_commands(tmp_path):
+    spec = risky_project(tmp_path, "os:system", "command")
+    result = cli("validate", spec)
+    no_traceback(result)
+    assert result.exit_code == 0, result.output  # a warning, not an error: configs are code
+    assert result.stdout.startswith("ok: ")
+    assert warnings_of(result) == [
+        f"warning: {spec}:9: nodes.run.fn: os:system is from the standard library module `os`, which can run "
+        'commands or touch files; configs are code (see README "Trust model")']
+
+
+@pytest.mark.parametrize("fn, arg, module", [
+    ("subprocess:getoutput", "cmd", "subprocess"),
+    ("os.path:exists", "path", "os.path"),  # a submodule counts as its package
+    ("shutil:rmtree", "path", "shutil"),
+    ("pathlib:Path.read_text", "self", "pathlib"),
+    ("builtins:open", "file", "builtins"),
+    ("runpy:run_path", "path_name", "runpy"),
+    ("importlib:import_module", "name", "importlib"),
+    ("socket:gethostbyname", "hostname", "socket"),
+    ("shlex:os.system", "command", "posix"),  # named through another module: the function's own module
+])
+def test_functions_of_risky_stdlib_modules_are_named_in_a_warning(tmp_path, fn, arg, module):
+    spec = risky_project(tmp_path, fn, arg)
+    result = cli("validate", spec)
+    assert result.exit_code == 0, result.output
+    warned = warnings_of(result)
+    assert len(warned) == 1 and warned[0].startswith(f"warning: {spec}:9: nodes.run.fn: {fn} is from the standard "
+                                                     f"library module `{module}`, which can "), warned
+
+
+@pytest.mark.parametrize("fn, arg", [("last_integer", "text"), ("json:dumps", "obj"), ("re:escape", "pattern"),
+                                     ("textwrap:dedent", "text"), ("my_helpers:shout", "text")])
+def test_harmless_functions_get_no_warning(tmp_path, monkeypatch, fn, arg):
+    (tmp_path / "my_helpers.py").write_text("import os\n\ndef shout(text):\n    return str(text).upper()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = cli("validate", risky_project(tmp_path, fn, arg))
+    assert result.exit_code == 0, result.output
+    assert warnings_of(result) == []
+
+
+def test_metric_and_loss_functions_are_checked_too(tmp_path):
+    text = RISKY_SPEC.replace("FN", "last_integer").replace("ARG", "text") + \
+        "loss: {fn: 'os:rename', args: {src: run, dst: input.answer}}\n"
+    text = text.replace("metric: {fn: contains, args: {pred: run, target: input.answer}}",
+                        "metric: {fn: 'shutil:copyfile', args: {src: run, dst: input.answer}}")
+    spec = project(tmp_path, text)
+    result = cli("validate", spec)
+    assert result.exit_code == 0, result.output
+    assert [w.split(" is from")[0] for w in warnings_of(result)] == [
+        f"warning: {spec}:11: metric.fn: shutil:copyfile", f"warning: {spec}:12: loss.fn: os:rename"]
+
+
+def test_eval_and_train_warn_when_they_compile_and_set_is_located(tmp_path):
+    spec = risky_project(tmp_path, "last_integer", "text")
+    # os.path.basename only computes, but the module it belongs to can touch files: named all the same
+    args = ["--set", "nodes.run.fn=os.path:basename", "--set", "nodes.run.args={p: answer}"]
+    for command in (["eval", spec, "--no-cache"], ["train", spec, "--dry-run", "--runs-dir", tmp_path / "runs"]):
+        result = cli(*command, *args)
+        no_traceback(result)
+        assert result.exit_code == 0, result.output
+        assert warnings_of(result) == [
+            "warning: --set nodes.run.fn=os.path:basename: nodes.run.fn: os.path:basename is from the standard "
+            'library module `os.path`, which can run commands or touch files; configs are code (see README '
+            '"Trust model")'], result.stderr

@@ -206,6 +206,16 @@ def test_an_alias_bomb_in_free_form_extra_is_refused_before_anything_expands_it(
 # ---------------------------------------------------------------- schema
 
 
+def test_debug_adds_the_traceback_and_keeps_the_exit_code(project):
+    text = edit(BASE, "name: mini", "name: 1mini")
+    spec = project / "spec.yaml"
+    spec.write_text(text, encoding="utf-8")
+    r = run(["--debug", "validate", str(spec)], subprocess_=True)
+    assert r.code == 2, r.stderr  # CONTRACT: --debug never changes an exit code
+    assert "Traceback" in r.stderr and "SpecError" in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: {spec}:1: name: expected ")
+
+
 def test_unknown_top_level_key(project):
     text = edit(BASE, "nodes:", "nodse:")
     r, spec = validate(project, text, subprocess_=True)
@@ -312,6 +322,22 @@ def test_deployment_url_must_be_http(project, item, key, fragment):
     text = deployments("http://127.0.0.1:8000/v1", item)
     r, spec = validate(project, text)
     assert_refused(r, f"{spec}:{line_of(text, item)}", key, "http:// or https:// URL", fragment)
+
+
+@pytest.mark.parametrize("url", ["ftp://x", "localhost:8000", "gpu2:8000/v1", "http://", "https://a b/v1"])
+def test_a_single_api_base_follows_the_rule_of_a_list_item(project, url):
+    # one rule for both forms: the same words, at `api_base` for a single URL and `api_base.<i>` in a list
+    single = edit(BASE, HTTP_MODEL, f"  task:\n    model: openai/served\n    api_base: '{url}'")
+    r, spec = validate(project, single)
+    assert_refused(r, f"{spec}:{line_of(single, 'api_base')}", "models.task.api_base", "http:// or https:// URL",
+                   f"got {url!r}")
+    listed, _ = validate(project, deployments(f"'{url}'"))
+    assert listed.first.split("api_base.0: ")[1] == r.first.split("api_base: ")[1]
+
+
+def test_a_single_api_base_through_set_is_checked(project):
+    r, _ = validate(project, BASE, "models.task.model=openai/served", "models.task.api_base=ftp://x")
+    assert_refused(r, "--set models.task.api_base=ftp://x", "models.task.api_base", "got 'ftp://x'")
 
 
 def test_duplicate_deployment(project):

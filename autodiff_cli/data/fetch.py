@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import random
-import secrets
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Callable
 
-from autodiff_cli.data.loaders import check_fields, decode_utf8, jsonl_rows, load_examples
+from autodiff_cli.data.loaders import check_fields, decode_utf8, load_examples
+from autodiff_cli.files import atomic_write_bytes, jsonl_rows, jsonl_text
 from autodiff_cli.errors import DataError, describe
 
 DATASETS = ("object_counting", "trec", "hotpotqa", "gsm8k")
@@ -288,18 +287,11 @@ def _make_dir(path: Path) -> Path:
 
 
 def _jsonl_bytes(rows: list[dict]) -> bytes:
-    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+    return jsonl_text(rows).encode("utf-8")
 
 
 def _write_atomic(path: Path, data: bytes) -> Path:
-    """Write to a temporary file in the same directory, then rename: readers never see half a file."""
-    # Not tempfile.mkstemp: its 0600 mode would survive the rename; open() honours the umask.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with open(tmp, "xb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
+        return atomic_write_bytes(path, data)
     except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
         raise DataError(file=str(path), expected="a writable file", got=exc.strerror or str(exc)) from None
-    return path

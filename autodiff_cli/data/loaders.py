@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from autodiff_cli.errors import DataError, describe
+from autodiff_cli.files import jsonl_rows
 
 SPLITS = ("train", "val", "test")
 SUFFIXES = (".jsonl", ".csv")
@@ -85,34 +86,6 @@ def decode_utf8(data: bytes, shown: str) -> str:
             hint="hint: re-save the file as UTF-8",
         ) from None
     return text.removeprefix("\ufeff")  # tolerate a byte-order mark from spreadsheet exports
-
-
-def jsonl_rows(text: str, shown: str) -> Iterator[tuple[int, dict]]:
-    # Split on "\n" only: str.splitlines() would also split inside JSON strings holding U+2028 etc.
-    for number, raw in enumerate(text.split("\n"), start=1):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise DataError(
-                file=shown, line=number, expected="a JSON object",
-                got=f"invalid JSON ({exc.msg} at column {exc.colno})",
-            ) from None
-        if not isinstance(row, dict):
-            raise DataError(file=shown, line=number, expected="a JSON object", got=describe(row))
-        if "\\u" in raw and not _encodable(row):  # an escaped lone surrogate (\ud800) is no text
-            raise DataError(file=shown, line=number, expected="valid Unicode text",
-                            got="a lone surrogate escape (e.g. \\ud800) that no UTF-8 text can hold")
-        yield number, row
-
-
-def _encodable(row: dict) -> bool:
-    try:
-        json.dumps(row, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _csv_rows(text: str, shown: str) -> Iterator[tuple[int, dict]]:

@@ -21,7 +21,7 @@ from difflib import SequenceMatcher
 from typing import Any
 
 from .. import metaprompts
-from ..compiler import Program
+from ..compiler import Program, invocations
 from ..errors import ModelCallError
 from ..optim import demos
 from ..trace import Call, Trace
@@ -100,14 +100,14 @@ def parse_json_object(text: str) -> dict | None:
     for candidate in candidates:
         try:
             value = json.loads(candidate)
-        except ValueError:
+        except (ValueError, RecursionError):  # a reply nested thousands deep is no gradient either
             continue
         if isinstance(value, dict):
             return value
     if start >= 0:  # an object followed by prose or a second object that holds braces
         try:
             value, _ = json.JSONDecoder().raw_decode(text, start)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
         if isinstance(value, dict):
             return value
@@ -123,6 +123,13 @@ class BackwardEngine:
         self.skips_from: dict[str, list[str]] = {}
         for skip in program.spec.skip:
             self.skips_from.setdefault(skip.from_, []).append(skip.to)
+
+    def max_calls_per_example(self) -> int:
+        """The most backward-engine calls one example's trace can cost: one per llm invocation and one
+        per invocation of a routing function node (`backward: route` with several inputs)."""
+        return sum(times for node, times in invocations(self.program.scope)
+                   if node.kind == "llm" or (node.kind == "function" and node.spec.backward == "route"
+                                             and len(node.args) > 1))
 
     async def backward(self, trace: Trace, evaluation: Evaluation) -> BackwardResult:
         """Gradients for one failed example, in canonical order."""

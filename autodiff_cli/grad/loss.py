@@ -48,6 +48,11 @@ def evaluate_loss(program: Program, trace: Trace, score: float, threshold: float
     return Evaluation(trace.example_id, score, failed, text, sources, pred, target)
 
 
+def backward_calls_per_example(loss: Metric) -> int:
+    """Backward-engine calls the loss itself costs for one backpropagated example."""
+    return 1 if loss.feedback == "llm" else 0
+
+
 async def llm_evaluation(client: Any, model_name: str, program: Program, trace: Trace, evaluation: Evaluation,
                          example_fields: dict) -> Evaluation:
     """Replace the template text with the backward engine's explanation (`feedback: llm`)."""

@@ -17,9 +17,7 @@ import json
 import os
 from pathlib import Path
 from typing import Any, Mapping
-from urllib.parse import urlsplit, urlunsplit
-
-from autodiff_cli.errors import UsageError
+from autodiff_cli.errors import UsageError, redact_url, scrub_url_secret
 
 SIZE_LIMIT = 2 * 1024**3
 CACHE_URL_ENV = "AUTODIFF_CACHE_URL"
@@ -154,7 +152,7 @@ class RedisCallCache:
             return None
         try:
             value = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None  # not ours, or damaged: a miss
         return value if storable(value) else None
 
@@ -203,28 +201,6 @@ class RedisCallCache:
             raise UsageError(f"the call cache at {self.shown_url} ({CACHE_URL_ENV}) cannot be used: {detail}",
                              hint=f"Start the Redis server or fix {CACHE_URL_ENV}; unset it to use the cache on "
                                   "disk, or pass --no-cache.") from None
-
-
-def redact_url(url: str) -> str:
-    """The URL without its password (redis://user:***@host:6379/0)."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        user = parts.username or ""
-        host = parts.hostname or ""
-        netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
-    except ValueError:
-        return "(a URL that cannot be parsed; not shown)"
-
-
-def scrub_url_secret(text: str, url: str) -> str:
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        return text
-    return text.replace(password, "***") if password else text
 
 
 def _glob_escape(text: str) -> str:

@@ -3,14 +3,40 @@
 litellm's retries are off; this client retries rate limits, timeouts, connection errors, 5xx and
 empty replies with exponential backoff (honouring Retry-After) and gives up at once on errors
 that a retry cannot fix (auth, bad request, not found, context window). Every attempt is counted.
+
+When an attempt starts and what it counts as (see `_send`):
+
+- Its `timeout` runs from the moment its request is handed to the provider (litellm's pre-call
+  hook for HTTP providers; the handler starting on it for `fake/`, the model starting on it for
+  `local/`), not while litellm, the openai SDK or httpx import or build their clients, nor while a
+  local model loads or serves other calls. Before that moment the attempt waits at most its timeout
+  plus PRE_SEND_GRACE seconds (HTTP and `fake/`; a `local/` call waits for the model as long as the
+  calls before it take).
+- An attempt whose request reached the provider is a usage `call` (an `error` too when it failed or
+  timed out: the provider saw it, may bill it, and may still answer). One that never reached it —
+  the connection was refused or not made (aiohttp/httpcore connect errors inside litellm's
+  exception), litellm failed before sending, or it was not sent in time — is counted as `unsent`,
+  never as a call. It is still an attempt: retried like a connection error (backoff, another
+  deployment first) and counted towards `max_retries`, so a server that is down fails the call
+  after 1 + max_retries attempts instead of retrying forever. A budget hook (`before_call`) admits
+  every attempt before it starts; for one that was never sent, its `refund(role)` (when it has one)
+  gives the admission back, so unsent attempts never count as spending.
+- An attempt abandoned by its caller (early stop, budget, Ctrl-C) after its request was sent is a
+  call (not an error; its reply and tokens are never known), so usage matches what the provider saw
+  in every case; one abandoned before is not counted at all and its budget admission is given back.
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import importlib
 import os
 import random
 import re
+import sys
+import threading
 import time
+import uuid
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -30,6 +56,13 @@ if TYPE_CHECKING:
 CACHE_FORMAT = 1
 MAX_RETRY_AFTER = 300.0
 ERROR_TEXT_LIMIT = 400
+PRE_SEND_GRACE = 60.0  # seconds an attempt may take to be sent, on top of its timeout (a cold start takes ~1-5 s)
+# What litellm's route for a provider imports only *after* handing the request over: the openai SDK
+# loads its resources on first use of `client.chat` (~1 s cold, blocking the event loop), which would
+# count in the first attempts' timeouts. Imported once, in a thread, before the first attempt of such a route.
+WARM_UP = {provider: "openai.resources" for provider in ("openai", "custom_openai", "azure", "text-completion-openai")}
+_warm_ups: dict[str, concurrent.futures.Future] = {}  # module -> its import (process-wide, whatever the loop)
+_warm_ups_lock = threading.Lock()
 
 
 @dataclass
@@ -41,7 +74,7 @@ class Completion:
     latency_s: float
     cache_hit: bool
     model: str
-    attempts: int  # attempts sent to the provider: 0 on a cache hit
+    attempts: int  # attempts made, unsent ones included: 0 on a cache hit
 
 
 @dataclass(frozen=True)
@@ -57,6 +90,51 @@ class Target:
 
 class EmptyReply(Exception):
     """The provider answered with no text."""
+
+
+class NotSent(Exception):
+    """litellm did not hand the request to the provider in time."""
+
+
+class Sends:
+    """The requests one attempt handed to its provider, as signalled through providers.request_sent
+    (from litellm's pre-call hook on the event loop, or from a local model's worker thread).
+
+    `on_send` records a call the moment litellm hands a request over, before its bytes leave: a run's
+    usage journal then holds every request the server may have received, even if the process is
+    killed a microsecond later. `counted` is how many sends were recorded so; the attempt's outcome
+    records the rest (and takes back a send whose connection was refused)."""
+
+    def __init__(self, on_send: Callable[[], None] | None = None) -> None:
+        self.id = f"autodiff-{uuid.uuid4().hex}"  # the attempt's litellm_call_id
+        self.count = 0
+        self.counted = 0
+        self.first_at: float | None = None  # monotonic time of the first send: the timeout starts here
+        self._on_send = on_send
+        self._loop = asyncio.get_running_loop()
+        self.event = asyncio.Event()
+
+    def __call__(self) -> None:
+        if self.first_at is None:
+            self.first_at = time.monotonic()
+        self.count += 1  # litellm may send twice in one attempt (a 422 retried with params dropped)
+        try:
+            here = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            here = False
+        if here:
+            if self._on_send is not None:  # on the loop only: usage is not shared with other threads
+                self._on_send()
+                self.counted += 1
+            self.event.set()
+        elif not self._loop.is_closed():  # a local model's thread may start after its caller gave up
+            self._loop.call_soon_threadsafe(self.event.set)
+
+    def reached(self, error: BaseException | None = None) -> int:
+        """Requests that reached the provider: the sends, minus a last one whose connection failed."""
+        if self.count and error is not None and never_connected(error):
+            return self.count - 1
+        return self.count
 
 
 class ModelClient:
@@ -88,6 +166,7 @@ class ModelClient:
         self._limiters: dict[str, RateLimiter] = {}
         self._pools: dict[tuple, DeploymentPool] = {}  # deployments -> pool, shared by configs that list them
         self._pool_of: dict[str, DeploymentPool | None] = {}  # config name -> its pool (None: one endpoint)
+        self._warm_up_module: dict[str, str | None] = {}  # config name -> the module its route imports late
 
     def add_model(self, name: str, cfg: "ModelConfig") -> None:
         """Register a config the spec does not name (e.g. the default teacher: task at another temperature)."""
@@ -171,7 +250,7 @@ class ModelClient:
 
     async def _call_with_retries(self, target: Target, messages, response_format, api_key, role) -> Completion:
         max_attempts = 1 + target.cfg.max_retries
-        attempt = 0
+        attempt = unsent = 0
         pool = self._pool(target)
         tried: set[str] = set()  # deployments this call has tried (several deployments only)
         pooled = {"tried": tried} if pool is not None else {}
@@ -179,36 +258,62 @@ class ModelClient:
             attempt += 1
             if self.before_call is not None:
                 self.before_call(role)  # e.g. the training budget: raises to stop before spending
+            sends = Sends(on_send=lambda: self.usage.record(role, calls=1))
             try:
-                response = await self._attempt(target, messages, response_format, api_key, **pooled)
+                response = await self._attempt(target, messages, response_format, api_key, sends, **pooled)
+            except asyncio.CancelledError:
+                # abandoned (early stop, budget, Ctrl-C): a request that had left is a call (the provider
+                # saw it and may bill it; its reply and tokens are never known); one that had not is
+                # nothing at all, and the budget gets its admission back
+                reached = sends.reached()
+                if reached > sends.counted:
+                    self.usage.record(role, calls=reached - sends.counted)
+                if not reached:
+                    self._refund(role)
+                raise
             except Exception as e:  # noqa: BLE001 - every provider error is classified below
-                self.usage.record(role, calls=1, errors=1)
                 error: Exception = e
+                reached = sends.reached(e)
+                if reached:
+                    self.usage.record(role, calls=reached - sends.counted, errors=reached)
+                else:
+                    unsent += 1
+                    self.usage.record(role, calls=-sends.counted, unsent=1)  # a refused connection sent nothing
+                    self._refund(role)
             else:
                 text, prompt, completion, cost = self._read(target, response)
                 ok = bool(text.strip())
-                self.usage.record(role, calls=1, errors=0 if ok else 1, prompt_tokens=prompt,
-                                  completion_tokens=completion, cost_usd=cost)
+                reached = max(sends.reached(), 1)  # a reply came from the provider even if nothing signalled
+                self.usage.record(role, calls=reached - sends.counted, errors=reached - 1 if ok else reached,
+                                  prompt_tokens=prompt, completion_tokens=completion, cost_usd=cost)
                 if ok:
                     model = getattr(response, "model", None) or target.litellm_model
                     return Completion(text, prompt, completion, cost, 0.0, False, model, attempt)
                 error = EmptyReply("empty reply")
             if attempt >= max_attempts or not is_retryable(error):
-                raise self._failure(target, role, attempt, error, api_key)
+                raise self._failure(target, role, attempt, error, api_key, unsent)
             if pool is not None:
                 if pool.untried(tried):
                     continue  # another deployment takes the next attempt at once
                 tried.clear()  # every deployment failed this call: back off, then any may serve it
             await asyncio.sleep(self._delay(attempt, error))
 
-    async def _attempt(self, target: Target, messages, response_format, api_key, tried: set[str] | None = None):
+    def _refund(self, role: str) -> None:
+        """Give the budget hook back the admission of an attempt that never reached the provider."""
+        refund = getattr(self.before_call, "refund", None)
+        if refund is not None:
+            refund(role)
+
+    async def _attempt(self, target: Target, messages, response_format, api_key, sends: Sends,
+                       tried: set[str] | None = None):
         from autodiff_cli.llm.providers import load_litellm
 
         litellm = load_litellm()
+        await self._warm_up(litellm, target)
         cfg = target.cfg
         kwargs: dict[str, Any] = dict(cfg.generation_params())
         kwargs.update(model=target.litellm_model, messages=messages, num_retries=0, max_retries=0,
-                      timeout=cfg.timeout, drop_params=True)
+                      timeout=cfg.timeout, drop_params=True, litellm_call_id=sends.id)
         if response_format is not None:
             kwargs["response_format"] = response_format
         pool = self._pool(target)
@@ -218,37 +323,89 @@ class ModelClient:
             kwargs["api_key"] = api_key
         async with self._semaphore(target):
             if pool is not None:
-                return await self._pool_attempt(pool, litellm, kwargs, messages, tried)
+                return await self._pool_attempt(pool, litellm, kwargs, messages, sends, tried)
             limiter = self._limiter(target)
             grant = await limiter.acquire(estimate_tokens(messages, cfg.max_tokens)) if limiter else None
-            try:
-                # litellm does not enforce the timeout for custom providers; this does.
-                response = await asyncio.wait_for(litellm.acompletion(**kwargs), timeout=cfg.timeout)
-            except TimeoutError:
-                raise TimeoutError(f"no reply within {cfg.timeout:g} s") from None
+            response = await self._send(litellm, kwargs, sends, pre_send=target.provider != "local")
             if grant is not None:
                 usage = getattr(response, "usage", None)
                 used = int(getattr(usage, "total_tokens", 0) or 0)
                 RateLimiter.settle(grant, used or grant.tokens)
             return response
 
-    async def _pool_attempt(self, pool: DeploymentPool, litellm, kwargs: dict, messages, tried: set[str] | None):
+    async def _pool_attempt(self, pool: DeploymentPool, litellm, kwargs: dict, messages, sends: Sends,
+                            tried: set[str] | None):
         """One attempt on one of several deployments: the pool admits it (the deployment's concurrency and
-        rpm/tpm), the deployment's URL is the api_base, and a failure sets the deployment aside for a while."""
-        timeout = kwargs["timeout"]
+        rpm/tpm), the deployment's URL is the api_base, and a failure sets the deployment aside for a while
+        (a refused connection too: the deployment is down, though the attempt is counted as unsent)."""
         lease = await pool.acquire(estimate_tokens(messages, kwargs.get("max_tokens")), tried or frozenset())
         if tried is not None:
             tried.add(lease.deployment.id)
         try:
-            response = await asyncio.wait_for(litellm.acompletion(**kwargs, api_base=lease.url), timeout=timeout)
+            response = await self._send(litellm, {**kwargs, "api_base": lease.url}, sends)
         except BaseException as e:
             pool.release(lease, ok=False, cool_for=cooldown_seconds(e))
-            if isinstance(e, TimeoutError):
-                raise TimeoutError(f"no reply within {timeout:g} s") from None
             raise
         usage = getattr(response, "usage", None)
         pool.release(lease, ok=True, tokens_used=int(getattr(usage, "total_tokens", 0) or 0))
         return response
+
+    async def _warm_up(self, litellm, target: Target) -> None:
+        """Import what the config's provider route would import after its first request was sent (WARM_UP),
+        before any attempt of the route is sent, in a thread: calls of other routes in flight go on."""
+        if target.name not in self._warm_up_module:
+            module = None
+            if target.provider not in ("local", "fake"):
+                base = target.cfg.api_base if isinstance(target.cfg.api_base, str) else None
+                try:
+                    provider = litellm.get_llm_provider(model=target.litellm_model, api_base=base)[1]
+                except Exception:  # noqa: BLE001 - litellm will say what is wrong with the model when called
+                    provider = None
+                module = WARM_UP.get(provider)
+            self._warm_up_module[target.name] = module
+        module = self._warm_up_module[target.name]
+        if module is None:
+            return
+        with _warm_ups_lock:
+            job = _warm_ups.get(module)
+            if job is None:
+                job = _warm_ups[module] = concurrent.futures.Future()
+                threading.Thread(target=_import_into, args=(module, job), name="autodiff-warm-up", daemon=True).start()
+        if not job.done():
+            await asyncio.wrap_future(job)
+
+    async def _send(self, litellm, kwargs: dict, sends: Sends, *, pre_send: bool = True):
+        """`litellm.acompletion(**kwargs)` with the attempt's timeout counted from the moment its request is
+        sent (`sends`), not from the call: before that moment litellm may be importing the provider's
+        SDK or building its HTTP client (seconds in a cold process, blocking the event loop). Waiting to
+        be sent is bounded by timeout + PRE_SEND_GRACE unless `pre_send` is False (a `local/` call queues
+        for its model behind other calls, each bounded by its own timeout)."""
+        from autodiff_cli.llm.providers import unwatch_sends, watch_sends
+
+        timeout = kwargs["timeout"]
+        watch_sends(sends.id, sends)
+        task = asyncio.ensure_future(litellm.acompletion(**kwargs))
+        task.add_done_callback(lambda _: sends.event.set())  # an attempt that ends unsent ends the wait too
+        try:
+            try:
+                async with asyncio.timeout(timeout + PRE_SEND_GRACE if pre_send else None):
+                    await sends.event.wait()
+            except TimeoutError:
+                raise NotSent(f"the request was not sent within {timeout + PRE_SEND_GRACE:g} s") from None
+            if sends.first_at is not None and not task.done():
+                left = timeout - (time.monotonic() - sends.first_at)
+                try:
+                    # litellm does not enforce the timeout for custom providers; this does, for every provider.
+                    async with asyncio.timeout(max(left, 0.0)):
+                        return await task
+                except TimeoutError:
+                    raise TimeoutError(f"no reply within {timeout:g} s") from None
+            return task.result()
+        finally:
+            unwatch_sends(sends.id)
+            if not task.done():  # given up or cancelled: end the provider call (a local model stops generating)
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     def _pool(self, target: Target) -> DeploymentPool | None:
         """The deployments of a config whose api_base is a list (None for a single endpoint)."""
@@ -337,14 +494,27 @@ class ModelClient:
         backoff = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
         return backoff * (0.5 + self._rng.random() / 2)
 
-    def _failure(self, target: Target, role: str, attempts: int, error: Exception, api_key: str | None):
+    def _failure(self, target: Target, role: str, attempts: int, error: Exception, api_key: str | None,
+                 unsent: int = 0):
         detail = describe_error(error, api_key)
+        never = ""
+        if unsent:
+            never = " (none reached the provider)" if unsent == attempts else f" ({unsent} never reached the provider)"
         err = ModelCallError(
             f"model call failed: model `{target.name}` ({target.cfg.model}), role {role}, "
-            f"{attempts} attempt{'s' if attempts != 1 else ''}; last error: {detail}"
+            f"{attempts} attempt{'s' if attempts != 1 else ''}{never}; last error: {detail}"
         )
         err.model_name, err.role, err.attempts, err.last_error = target.name, role, attempts, detail
         return err
+
+
+def _import_into(module: str, job: concurrent.futures.Future) -> None:
+    try:
+        importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - best effort: the call itself imports what it needs, and says what fails
+        pass
+    finally:
+        job.set_result(None)
 
 
 def response_format_for(json_schema: dict | None) -> dict | None:
@@ -355,7 +525,7 @@ def response_format_for(json_schema: dict | None) -> dict | None:
 
 def is_retryable(error: Exception) -> bool:
     """Rate limits, timeouts, connection errors, 5xx and empty replies are worth another attempt."""
-    if isinstance(error, (EmptyReply, TimeoutError)):
+    if isinstance(error, (EmptyReply, TimeoutError, NotSent)):
         return True
     from autodiff_cli.llm.providers import load_litellm
 
@@ -370,6 +540,33 @@ def is_retryable(error: Exception) -> bool:
         return True
     status = getattr(error, "status_code", None)
     return isinstance(status, int) and (status in (408, 409, 429) or status >= 500)
+
+
+def never_connected(error: BaseException) -> bool:
+    """Whether the request never reached the server: its connection was refused or could not be made.
+
+    litellm wraps the transport's error (as InternalServerError or APIConnectionError, via the openai
+    SDK's APIConnectionError and httpx), so the cause chain is searched for the connect-phase errors
+    themselves: aiohttp's ClientConnectorError / ConnectionTimeoutError (litellm's default transport;
+    it maps every ClientOSError, a reset mid-request included, to httpx.ConnectError, so that one is
+    not proof) or httpcore's ConnectError / ConnectTimeout (httpx's own transport)."""
+    kinds: list[type] = []
+    aiohttp = sys.modules.get("aiohttp")  # an exception of a module never imported cannot be in the chain
+    if aiohttp is not None:
+        kinds += [aiohttp.ClientConnectorError, getattr(aiohttp, "ConnectionTimeoutError", aiohttp.ClientConnectorError)]
+    httpcore = sys.modules.get("httpcore")
+    if httpcore is not None:
+        kinds += [httpcore.ConnectError, httpcore.ConnectTimeout]
+    if not kinds:
+        return False
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        if isinstance(e, tuple(kinds)):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def cooldown_seconds(error: BaseException) -> float | None:
@@ -418,8 +615,13 @@ def describe_error(error: Exception, secret: str | None = None) -> str:
     return text if len(text) <= ERROR_TEXT_LIMIT else text[: ERROR_TEXT_LIMIT - 3] + "..."
 
 
+MIN_SECRET_CHARS = 8  # shorter values are dummy keys (`x`, `EMPTY`, `none`), and replacing them would garble text
+
+
 def scrub(text: str, secret: str | None) -> str:
-    if secret and len(secret) >= 4:
+    """A provider's error text without the key it may quote (real ones do on a bad key). This is the one
+    place a key could enter autodiff's own messages, so it is redacted here, where it is caught."""
+    if secret and len(secret) >= MIN_SECRET_CHARS:
         text = text.replace(secret, "***")
     return text
 

@@ -43,6 +43,7 @@ from typing import Any
 import yaml
 
 from autodiff_cli.errors import ModelNotFound, SpecError
+from autodiff_cli.llm.providers import request_sent
 
 ERROR_KINDS = ("429", "500", "503", "400", "timeout", "connection", "context_length", "auth", "empty")
 WHERE = ("user", "system", "all")
@@ -142,12 +143,14 @@ def make_handler(litellm: ModuleType):
 
     class FakeHandler(litellm.CustomLLM):
         def completion(self, model, messages, model_response, **kwargs):
+            request_sent(getattr(kwargs.get("logging_obj"), "litellm_call_id", None))  # the "provider" has it now
             script = _script_for(litellm, model)
             time.sleep(script.latency)
             return _answer(litellm, script, model, messages, model_response)
 
         async def acompletion(self, model, messages, api_base, custom_prompt_dict, model_response, print_verbose,
                               encoding, api_key, logging_obj, optional_params, **kwargs):
+            request_sent(getattr(logging_obj, "litellm_call_id", None))  # the "provider" has it now
             script = _script_for(litellm, model)
             path = str(Path(model))
             _enter(path)

@@ -13,12 +13,15 @@ import importlib.util
 import json
 import os
 import threading
+from functools import partial
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from autodiff_cli.errors import ModelNotFound
+from autodiff_cli.files import atomic_write_text
 from autodiff_cli.llm.cache import cache_root, ensure_private_dir
+from autodiff_cli.llm.providers import request_sent
 
 N_CTX = 8192
 DEFAULT_MAX_TOKENS = 1024
@@ -132,9 +135,7 @@ def _read_sidecar(path: Path) -> dict[str, str]:
 def _write_sidecar(path: Path, data: dict[str, str]) -> None:
     try:
         ensure_private_dir(path.parent)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True))
     except OSError:
         pass  # only an optimisation: the hash is recomputed next run
 
@@ -218,13 +219,18 @@ def _quiet_llama_errors(on: bool) -> None:
                 logger.setLevel(_quiet[1])
 
 
-def generate(path: Path, messages: list[dict], params: Mapping[str, Any], abort: CallAbort | None = None) -> dict:
-    """One chat completion (blocking; serialised per model file). `abort.request()` ends it early."""
+def generate(path: Path, messages: list[dict], params: Mapping[str, Any], abort: CallAbort | None = None,
+             on_start: Callable[[], None] | None = None) -> dict:
+    """One chat completion (blocking; serialised per model file). `abort.request()` ends it early.
+    `on_start` runs once the model is loaded and this call holds it: the request is "sent" then (the
+    wait for the lock and a first load are not part of the attempt's timeout)."""
     abort = abort or CallAbort()  # never requested: the call runs as without one
     with _call_lock(path):
         llm = _load(path)
         abort.attach(llm)
         try:
+            if on_start is not None:
+                on_start()
             return llm.create_chat_completion(messages=_plain_messages(messages), **chat_kwargs(params))
         except RuntimeError:
             if abort.requested:  # "llama_decode returned 2": the abort we asked for
@@ -299,16 +305,18 @@ def make_handler(litellm: ModuleType):
     class LocalHandler(litellm.CustomLLM):
         def completion(self, model, messages, model_response, optional_params=None, **kwargs):
             path = _resolve_for_litellm(litellm, model)
-            result = _run(litellm, model, lambda: generate(path, messages, optional_params or {}))
+            started = partial(request_sent, getattr(kwargs.get("logging_obj"), "litellm_call_id", None))
+            result = _run(litellm, model, lambda: generate(path, messages, optional_params or {}, on_start=started))
             return _fill_response(litellm, model, result, model_response)
 
         async def acompletion(self, model, messages, api_base, custom_prompt_dict, model_response, print_verbose,
                               encoding, api_key, logging_obj, optional_params, **kwargs):
             path = _resolve_for_litellm(litellm, model)
             abort = CallAbort()
+            started = partial(request_sent, getattr(logging_obj, "litellm_call_id", None))
             try:
                 result = await asyncio.to_thread(_run, litellm, model,
-                                                 lambda: generate(path, messages, optional_params, abort))
+                                                 lambda: generate(path, messages, optional_params, abort, started))
             except asyncio.CancelledError:
                 # nobody will read this reply: free the model now instead of generating up to
                 # max_tokens (an early stop or Ctrl-C would wait for it)

@@ -1,4 +1,11 @@
-"""The one place that imports litellm (slow to import: every other module goes through here lazily)."""
+"""The one place that imports litellm (slow to import: every other module goes through here lazily).
+
+It also carries the "request sent" signal of each attempt: the client gives every attempt its own
+`litellm_call_id` and watches it (`watch_sends`); litellm calls its logging object's `pre_call` right
+before an HTTP provider's request leaves (litellm_core_utils/litellm_logging.py, `Logging.pre_call`,
+which calls every `CustomLogger.log_pre_api_call` in `litellm.input_callback`), and our in-process
+handlers (`local/`, `fake/`) call `request_sent` themselves when they start on a request.
+"""
 from __future__ import annotations
 
 import logging
@@ -6,6 +13,7 @@ import os
 import threading
 import warnings
 from types import ModuleType
+from typing import Callable
 
 _lock = threading.Lock()
 _litellm: ModuleType | None = None
@@ -26,6 +34,7 @@ def load_litellm() -> ModuleType:
 
             _quieten(litellm)
             _register_custom_providers(litellm)
+            _register_send_signal(litellm)
             _litellm = litellm
     return _litellm
 
@@ -52,3 +61,37 @@ def _register_custom_providers(litellm: ModuleType) -> None:
         if provider not in present:
             current.append({"provider": provider, "custom_handler": module.make_handler(litellm)})
     litellm.custom_provider_map = current
+
+
+# ---------------------------------------------------------------- "request sent" signals
+
+_watched: dict[str, Callable[[], None]] = {}  # litellm_call_id -> the attempt's on_send (one key per attempt)
+
+
+def watch_sends(call_id: str, on_send: Callable[[], None]) -> None:
+    """Call `on_send` (from any thread) each time a request of the attempt `call_id` is handed to its provider."""
+    _watched[call_id] = on_send
+
+
+def unwatch_sends(call_id: str) -> None:
+    _watched.pop(call_id, None)
+
+
+def request_sent(call_id: str | None) -> None:
+    """A request of attempt `call_id` is leaving for the provider now (no-op for calls nobody watches)."""
+    on_send = _watched.get(call_id) if call_id else None
+    if on_send is not None:
+        on_send()
+
+
+def _register_send_signal(litellm: ModuleType) -> None:
+    from litellm.integrations.custom_logger import CustomLogger
+
+    class SendSignal(CustomLogger):
+        """litellm's pre_call hook, fired right before each HTTP request (the `litellm_call_id` is ours)."""
+
+        def log_pre_api_call(self, model, messages, kwargs):
+            request_sent(kwargs.get("litellm_call_id"))
+
+    if not any(type(c).__name__ == "SendSignal" for c in litellm.input_callback):
+        litellm.logging_callback_manager.add_litellm_input_callback(SendSignal())

@@ -1,12 +1,15 @@
 """Model usage accounted per role (the `usage` object of summary.json and metrics.jsonl)."""
 from __future__ import annotations
 
-from typing import Any
+import json
+from pathlib import Path
+from typing import IO, Any
 
 from autodiff_cli.spec.models import ROLES
 
-# Key order of one role's entry; to_dict() always emits it in this order.
-FIELDS = ("calls", "cached_calls", "errors", "prompt_tokens", "completion_tokens", "cost_usd")
+# Key order of one role's entry; to_dict() always emits it in this order (`unsent` was added last:
+# older summaries and checkpoints lack it, and from_dict reads them as 0).
+FIELDS = ("calls", "cached_calls", "errors", "prompt_tokens", "completion_tokens", "cost_usd", "unsent")
 
 
 def _empty() -> dict[str, Any]:
@@ -16,12 +19,50 @@ def _empty() -> dict[str, Any]:
 class Usage:
     """Counters per role; all four roles are always present.
 
-    `calls` counts every attempt sent to a provider (failed ones included), `errors` the failed
-    attempts, `cached_calls` the replies served from the call cache (they cost nothing).
+    `calls` counts every request that reached a provider (failed ones included), `errors` those of
+    them that failed (an error answer, an empty reply, no reply within the timeout), `cached_calls`
+    the replies served from the call cache (they cost nothing). `unsent` counts attempts that never
+    reached the provider: the connection was refused or could not be made, or litellm failed before
+    sending; they cost nothing, are not in `calls` or `errors`, and are retried like connection errors.
+    So `calls` is what the provider saw and `calls - errors` the replies it gave.
     """
 
     def __init__(self) -> None:
         self._roles: dict[str, dict[str, Any]] = {role: _empty() for role in ROLES}
+        self._journal: IO[str] | None = None
+
+    # ---------------------------------------------------------------- the journal of a run
+
+    def journal_to(self, path: Path) -> None:
+        """Append every later `record` to `path`, one JSON line of the changes each. A training run keeps
+        its journal in the run directory, so its usage survives a SIGKILL: the client records a call when
+        its request is handed over, and `from_journal` sums what every process of the run recorded. No
+        fsync per line: a killed process's writes are in the kernel already; only a power cut loses some."""
+        self.close_journal()
+        self._journal = open(path, "a", encoding="utf-8")
+
+    def close_journal(self) -> None:
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+
+    @classmethod
+    def from_journal(cls, path: Path) -> "Usage | None":
+        """The usage a journal adds up to, or None when there is none. A line cut short by a crash (only the
+        last one can be) is skipped."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        usage = cls()
+        for line in text.split("\n"):
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and entry.get("role") in ROLES:
+                usage._add(entry["role"], {f: entry[f] for f in FIELDS if isinstance(entry.get(f), (int, float))})
+        return usage
 
     def record(
         self,
@@ -33,14 +74,19 @@ class Usage:
         prompt_tokens: int = 0,
         completion_tokens: int = 0,
         cost_usd: float = 0.0,
+        unsent: int = 0,
     ) -> None:
+        delta = {"calls": calls, "cached_calls": cached_calls, "errors": errors, "prompt_tokens": prompt_tokens,
+                 "completion_tokens": completion_tokens, "cost_usd": cost_usd, "unsent": unsent}
+        self._add(role, delta)
+        if self._journal is not None:
+            self._journal.write(json.dumps({"role": role, **{k: v for k, v in delta.items() if v}}) + "\n")
+            self._journal.flush()
+
+    def _add(self, role: str, delta: dict[str, Any]) -> None:
         entry = self._entry(role)
-        entry["calls"] += calls
-        entry["cached_calls"] += cached_calls
-        entry["errors"] += errors
-        entry["prompt_tokens"] += prompt_tokens
-        entry["completion_tokens"] += completion_tokens
-        entry["cost_usd"] += cost_usd
+        for key, value in delta.items():
+            entry[key] += value
 
     def role(self, role: str) -> dict[str, Any]:
         return dict(self._entry(role))

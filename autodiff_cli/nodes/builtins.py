@@ -247,6 +247,9 @@ def _load_passages(path: Path, text_field: str, title_field: str | None) -> tupl
             except json.JSONDecodeError as exc:
                 raise DataError(f"bad JSON in BM25 corpus ({exc.msg})", file=path, line=lineno,
                                 expected="one JSON object per line", got=line.strip()[:60]) from None
+            except RecursionError:
+                raise DataError("bad JSON in BM25 corpus", file=path, line=lineno,
+                                expected="one JSON object per line", got="nesting too deep to read") from None
             if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
                 raise DataError("bad BM25 corpus row", file=path, line=lineno, key=text_field,
                                 expected=f"an object with a string `{text_field}` field",

@@ -272,7 +272,7 @@ def _json_objects(text: str) -> list[dict]:
     stripped = text.strip()
     try:
         whole = _DECODER.decode(stripped)
-    except ValueError:
+    except (ValueError, RecursionError):  # a reply nested thousands deep is no proposal
         whole = None
     if isinstance(whole, dict):
         return [whole]
@@ -284,7 +284,7 @@ def _json_objects(text: str) -> list[dict]:
         starts += 1
         try:
             obj, end = _DECODER.raw_decode(text, start)
-        except ValueError:
+        except (ValueError, RecursionError):
             position = start + 1
             continue
         if isinstance(obj, dict):

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ..errors import SpecError, describe
-from .models import NAME_PATTERN, SECRET_KEYS, Spec
+from .models import Spec, is_env_var_name, is_secret_key, looks_secret, secret_in
 
 KeyPath = tuple  # of str | int
 
@@ -146,75 +146,199 @@ def read_yaml(path: Path) -> tuple[Any, dict[KeyPath, int]]:
     except UnicodeDecodeError as e:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
         raise SpecError(file=path, line=line, expected="UTF-8 text", got=f"the byte {path.read_bytes()[e.start]:#04x}") from None
+    lines: dict[KeyPath, int] = {}
+    empty = object()
+    data = load_yaml_text(text, path, lines=lines, empty=empty)
+    if data is empty:
+        raise SpecError(file=path, line=1, expected="a YAML mapping of spec keys", got="an empty file")
+    return data, lines
+
+
+def load_yaml_text(text: str, file: Path | str, *, path: KeyPath = (), depth: int = 0,
+                   lines: dict[KeyPath, int] | None = None, empty: Any = None) -> Any:
+    """`yaml.safe_load` with the checks every YAML input gets: nesting depth (MAX_DEPTH, checked while
+    parsing, before PyYAML's recursive composer can overflow the stack), duplicate keys, lone
+    surrogates, alias bombs. `path` and `depth` place the text inside a spec (a `--set` value), so
+    errors name the key and the depth limit holds for the whole spec; errors name `file` and, when
+    `lines` is given (a file), the line, which `lines` maps key paths to. A document without a node
+    (empty, or comments only) is `empty`."""
     try:
-        loader = yaml.SafeLoader(text)
+        loader = _GuardedLoader(text, _DepthGuard(file, path, depth, with_lines=lines is not None))
     except yaml.reader.ReaderError as e:  # a character YAML never allows (NUL, other control characters)
         line = text[: e.position].count("\n") + 1
-        raise SpecError(file=path, line=line, expected="printable text",
+        raise SpecError(file=file, line=line if lines is not None else None, expected="printable text",
                         got=f"the character U+{e.character:04X} ({e.reason})") from None
     try:
         node = loader.get_single_node()
         if node is None:
-            raise SpecError(file=path, line=1, expected="a YAML mapping of spec keys", got="an empty file")
-        lines: dict[KeyPath, int] = {(): node.start_mark.line + 1}
-        _walk_lines(node, (), lines, path)
-        _check_expanded_size(node, (), path)
-        data = loader.construct_document(node)
+            return empty
+        lines = {} if lines is None else lines
+        lines[path] = node.start_mark.line + 1
+        _walk_lines(node, path, lines, file)
+        _check_expanded_size(node, path, file)
+        return loader.construct_document(node)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         line = mark.line + 1 if mark else None
-        problem = getattr(e, "problem", None) or str(e)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         context, context_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
         if context and context_mark is not None and context_mark.line + 1 != line:
             problem += f", {context} started on line {context_mark.line + 1}"
-        raise SpecError(file=path, line=line, expected="valid YAML", got=f"a syntax error ({problem})") from None
+        raise SpecError(file=file, line=line if lines is not None else None, expected="valid YAML",
+                        got=f"a syntax error ({problem})") from None
     finally:
         loader.dispose()
-    return data, lines
+
+
+# Levels of nested lists and mappings a spec may have, counted from its top (a spec's own structure
+# needs about 10; a JSON schema or loop-in-loop bodies a few dozen). PyYAML's composer, deepcopy,
+# YAML/JSON writers and repr all recurse once or more per level: far deeper input would end in a
+# RecursionError instead of an error naming the line.
+MAX_DEPTH = 100
+
+
+class _DepthGuard:
+    """Follows a YAML event stream (the parser is not recursive) and refuses a collection opening
+    deeper than MAX_DEPTH, or an alias (*name) whose value would reach deeper once expanded."""
+
+    def __init__(self, file: Path | str, path: KeyPath, depth: int, with_lines: bool) -> None:
+        self.file, self.path, self.depth, self.with_lines = file, path, depth, with_lines
+        # open collections, innermost last: [key path, is a mapping, next index | pending key, wants a key,
+        # levels below it so far, anchor]
+        self.open: list[list] = []
+        self.heights: dict[str, int] = {}  # anchor -> levels of nesting of its value
+
+    def see(self, event: yaml.Event) -> None:
+        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            path = self._child_path()
+            self.open.append([path, isinstance(event, yaml.MappingStartEvent), 0, True, 0, event.anchor])
+            if self.depth + len(self.open) > MAX_DEPTH:
+                self._refuse(event, path, f"{MAX_DEPTH + 1} or more levels")
+        elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            frame = self.open.pop()
+            height = frame[4] + 1
+            if frame[5] is not None:
+                self.heights[frame[5]] = height
+            self._done(height)
+        elif isinstance(event, yaml.AliasEvent):
+            height = self.heights.get(event.anchor, 0)  # an anchor still open (it contains itself) is refused later
+            if height and self.depth + len(self.open) + height > MAX_DEPTH:
+                self._refuse(event, self._child_path(), f"{self.depth + len(self.open) + height} levels once "
+                             f"the alias *{event.anchor} is expanded")
+            self._done(height)
+        elif isinstance(event, yaml.ScalarEvent):
+            self._done(0, event.value)
+
+    def _child_path(self) -> KeyPath:
+        """The key path of the node that starts now (a mapping's key has none of its own)."""
+        if not self.open:
+            return self.path
+        path, mapping, slot, wants_key = self.open[-1][:4]
+        if mapping:
+            return path if wants_key else path + (slot,)
+        return path + (slot,)
+
+    def _done(self, height: int, scalar: str | None = None) -> None:
+        """A node of `height` levels ended: advance its parent to the next key, value or item."""
+        if not self.open:
+            return
+        frame = self.open[-1]
+        frame[4] = max(frame[4], height)
+        if frame[1]:
+            if frame[3]:
+                frame[2] = scalar if scalar is not None else "?"
+            frame[3] = not frame[3]
+        else:
+            frame[2] += 1
+
+    def _refuse(self, event: yaml.Event, path: KeyPath, got: str) -> None:
+        # name the innermost mapping key near the top: a path of a hundred list indices helps nobody
+        shown = path[:8]
+        while shown and not isinstance(shown[-1], str):
+            shown = shown[:-1]
+        raise SpecError(file=self.file, line=event.start_mark.line + 1 if self.with_lines else None,
+                        key=key_text(shown) or None,
+                        expected=f"at most {MAX_DEPTH} levels of nested lists and mappings", got=got)
+
+
+_JSON_TOKENS = re.compile(r'"(?:[^"\\\n]|\\.)*"?|[\[\]{}\n]')
+
+
+def check_json_depth(text: str, file: Path | str, *, first_line: int = 1, limit: int = MAX_DEPTH) -> None:
+    """Refuse JSON text nested deeper than `limit` before `json.loads` (recursive in C) overflows;
+    the error names the line where level limit + 1 opens. Strings are skipped; brackets in them do not count."""
+    depth, line = 0, first_line
+    for match in _JSON_TOKENS.finditer(text):
+        token = match.group()
+        if token == "\n":
+            line += 1
+        elif token in "[{":
+            depth += 1
+            if depth > limit:
+                raise SpecError(file=file, line=line, expected=f"at most {limit} levels of nested lists and "
+                                "mappings", got=f"{limit + 1} or more levels")
+        elif token in "]}":
+            depth -= 1
+
+
+class _GuardedLoader(yaml.SafeLoader):
+    """SafeLoader whose events pass the depth guard as the composer takes them."""
+
+    def __init__(self, stream: str, guard: _DepthGuard) -> None:
+        super().__init__(stream)
+        self.guard = guard
+
+    def get_event(self) -> yaml.Event:
+        event = super().get_event()
+        self.guard.see(event)
+        return event
 
 
 # ---------------------------------------------------------------- --set
 
 
-def _shown_override(arg: str, key: KeyPath = (), value: Any = None) -> str:
-    """The --set argument as error messages show it: `KEY=***` when the value may hold a literal API key."""
-    def secret_in(v: Any) -> bool:
-        stack, seen = [v], set()
-        while stack:  # iterative, each container once: YAML aliases may nest a value in itself
-            v = stack.pop()
-            if isinstance(v, (dict, list)) and id(v) not in seen:
-                seen.add(id(v))
-                if isinstance(v, dict) and any(k in SECRET_KEYS for k in v):
-                    return True
-                stack.extend(v.values() if isinstance(v, dict) else v)
-        return False
+_UNPARSED = object()
 
-    name = arg.partition("=")[0]
-    if key[-1:] == ("api_key_env",) and not (isinstance(value, str) and re.fullmatch(NAME_PATTERN, value)):
-        return f"{name}=***"  # a key where its variable's name belongs
-    if any(p in SECRET_KEYS for p in key) or any(p in SECRET_KEYS for p in name.strip().split(".")) or secret_in(value):
-        return f"{name}=***"
+
+def _shown_override(arg: str, value: Any = _UNPARSED) -> str:
+    """The --set argument as error messages show it: `KEY=***` when it may hold a secret (a secret-like key
+    such as api_key, a key where api_key_env's variable NAME belongs, a key or a URL with credentials in the
+    value), `***` when its key path itself does, shortened when long. `value` is the parsed value, if any yet."""
+    name, equals, text = arg.partition("=")
+    if looks_secret(name):
+        return "***"
+    hidden = f"{name}={'***' if equals else ''}"
+    parts = name.strip().split(".")
+    if looks_secret(text) or any(is_secret_key(p) for p in parts):
+        return hidden
+    if parts[-1] == "api_key_env" and not is_env_var_name(text.strip() if value is _UNPARSED else value):
+        return hidden  # a key where its variable's name belongs
+    if value is not _UNPARSED and secret_in(value) is not None:
+        return hidden
+    if len(text) > 80:  # a huge value (deeply nested, say) would drown the message
+        return f"{name}={text[:60]}...{text[-12:]}"
     return arg
 
 
 def parse_override(arg: str) -> tuple[KeyPath, Any]:
+    shown = _shown_override(arg)  # for the messages below
     if "=" not in arg:
-        raise SpecError(file=f"--set {arg}", expected="KEY=VALUE (e.g. models.task.model=local/qwen2.5-coder-1.5b)", got=repr(arg))
+        raise SpecError(file=f"--set {shown}", expected="KEY=VALUE (e.g. models.task.model=local/qwen2.5-coder-1.5b)",
+                        got=repr(arg) if shown == arg else "something else (not shown: it may hold a secret)")
     key, _, value_text = arg.partition("=")
-    arg = _shown_override(arg)  # for the messages below
+    arg = shown
     parts: list[str | int] = []
     for part in key.strip().split("."):
         if not part:
             raise SpecError(file=f"--set {arg}", expected="a dotted key path", got=repr(key))
         parts.append(int(part) if part.isdigit() else part)
-    try:
-        value = yaml.safe_load(value_text) if value_text.strip() else ""
-        if value_text.strip():  # the checks of a spec file: duplicate keys, lone surrogates (alias-safe)
-            _walk_lines(yaml.compose(value_text, Loader=yaml.SafeLoader), tuple(parts), {}, f"--set {arg}")
-    except yaml.YAMLError as e:
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise SpecError(file=f"--set {arg}", key=key, expected="a YAML value", got=f"a syntax error ({problem})") from None
+    if not value_text.strip():
+        return tuple(parts), ""
+    try:  # the checks of a spec file (depth over the whole spec, duplicate keys, lone surrogates, alias bombs)
+        value = load_yaml_text(value_text, f"--set {arg}", path=tuple(parts), depth=len(parts))
     except SpecError as e:
+        if e.expected == "valid YAML":
+            raise SpecError(file=f"--set {arg}", key=key, expected="a YAML value", got=e.got) from None
         raise SpecError(file=f"--set {arg}", key=e.key, expected=e.expected, got=e.got) from None
     return tuple(parts), value
 
@@ -235,7 +359,8 @@ def apply_override(data: dict, key: KeyPath, value: Any, arg: str) -> None:
                                 f"(set the whole list instead, e.g. {key_text(key[: i + 1])}=[...])", got="no such list")
             target[part] = {}
         elif not isinstance(target[part], (dict, list)):
-            raise SpecError(file=f"--set {arg}", key=key_text(key[: i + 1]), expected="a mapping to set a key in", got=describe(target[part]))
+            raise SpecError(file=f"--set {arg}", key=key_text(key[: i + 1]), expected="a mapping to set a key in",
+                            got=_describe_safely(key[: i + 1], target[part]))
         target = target[part]
     last = key[-1]
     if isinstance(target, list):
@@ -410,9 +535,19 @@ def validate_spec(data: Any, path: Path, lines: dict, overrides: dict) -> Spec:
         raise err from None
 
 
+def _describe_safely(key: KeyPath, value: Any, described: str | None = None) -> str:
+    """`describe(value)` for an error message, unless the value sits under a secret-like key (api_key,
+    api_key_env, an Authorization header) or holds a key or a URL with credentials: never echoed."""
+    if any(is_secret_key(k) or k == "api_key_env" for k in key) or secret_in(value) is not None:
+        return "a value not shown (it may be a secret)"
+    return describe(value) if described is None else described
+
+
 def _located_validation_error(err: dict, data: Any, path: Path, lines: dict, overrides: dict) -> SpecError:
     key = _error_key(err, data)
     expected, got = _describe_pydantic_error(err)
+    if err["type"] not in ("spec_value", "extra_forbidden", "missing"):
+        got = _describe_safely(key, err.get("input"), got)  # the models' own checks say more; this is the safety net
     if err["type"] == "extra_forbidden":
         known = _known_keys(key[:-1], data)
         if known:
@@ -438,7 +573,7 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     override_keys: dict[KeyPath, str] = {}
     for arg in overrides:
         key, value = parse_override(arg)
-        arg = _shown_override(arg, key, value)
+        arg = _shown_override(arg, value)
         apply_override(raw, key, value, arg)
         override_keys[key] = arg
     spec = validate_spec(raw, path, lines, override_keys)

@@ -21,21 +21,124 @@ Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 ROLES = ("task", "backward", "optimizer", "teacher")
 
 
-SECRET_KEYS = ("api_key", "key", "token", "secret")
-
-
-def spec_value_error(expected: str, got: str, key: str | None = None) -> PydanticCustomError:
+def spec_value_error(expected: str, got: str, key: str | tuple | None = None) -> PydanticCustomError:
     """A validation error with both halves of "expected ..., got ..." (the loader reports them as given);
-    `key` names the offending key below the validated mapping."""
+    `key` names the offending key (or key path) below the validated mapping."""
     return PydanticCustomError("spec_value", "expected {expected}, got {got}",
                                {"expected": expected, "got": got, "key": key})
 
 
+# Key names that hold secrets, compared lower-cased without `_`, `-` and spaces (so API_KEY, apiKey and the
+# x-api-key header are one name): exact names, and endings (openai_api_key, aws_secret_access_key,
+# azure_ad_token). Generation params such as max_tokens or budget_tokens match neither.
+_SECRET_NAMES = frozenset({"key", "token", "secret", "password", "passwd", "authorization", "proxyauthorization",
+                           "cookie"})
+_SECRET_ENDINGS = ("apikey", "apitoken", "accesstoken", "authtoken", "bearertoken", "sessiontoken", "refreshtoken",
+                   "adtoken", "secret", "secretkey", "privatekey", "accesskey", "accesskeyid", "subscriptionkey",
+                   "password", "passwd", "credentials")
+
+
+def is_secret_key(name: Any) -> bool:
+    """Whether a mapping key (a param or header name) is one that carries a secret: api_key, API_KEY, apiKey,
+    token, Authorization, x-api-key, aws_secret_access_key, ..."""
+    if not isinstance(name, str):
+        return False
+    norm = re.sub(r"[\s_-]", "", name).lower()
+    return norm in _SECRET_NAMES or norm.endswith(_SECRET_ENDINGS)
+
+
+# API keys and tokens as providers issue them: a known prefix (OpenAI/Anthropic/Stripe sk-, sk_; Hugging Face
+# hf_; GitHub ghp_, gho_, ghu_, ghs_, ghr_, github_pat_; Slack xoxb-, xoxa-, xoxp-; GitLab glpat-) and 16 or
+# more token characters, one at least a digit (random tokens nearly always have one, names such as
+# sk_learning_rate_schedule none); AWS access key ids (AKIA/ASIA + 16 upper-case letters or digits); Google
+# keys (AIza + 35).
+_PREFIXED_KEY = re.compile(
+    r"(?<![A-Za-z0-9])(?:"
+    r"(?:sk-|sk_|hf_|gh[pousr]_|github_pat_|xox[bap]-|glpat-)(?=[A-Za-z0-9_-]*[0-9])[A-Za-z0-9_-]{16,}"
+    r"|(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Za-z0-9])"
+    r"|AIza[A-Za-z0-9_-]{35}"
+    r")")
+# userinfo (`user:password@`, `:secret@`, `token@`) in the authority of a URL, with or without a scheme
+_URL_CREDENTIALS = re.compile(r"^(?:[A-Za-z][A-Za-z0-9+.-]*:)?(?://)?[^/?#\s@]*@")
+_URL_IN_TEXT_CREDENTIALS = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s@]*@")
+
+
 def _looks_like_a_key(name: str) -> bool:
-    """A long run of mixed-case letters and digits is a key pasted where its variable's name goes;
-    variable names are words (OPENAI_API_KEY, my_key_2)."""
+    """A key pasted where its variable's name goes: a known key prefix (hf_AbC...9, sk_live_...), a long run of
+    mixed-case letters and digits, or a long hex string; variable names are words (OPENAI_API_KEY, my_key_2)."""
+    if _PREFIXED_KEY.match(name):
+        return True
+    if len(name) >= 32 and re.fullmatch(r"[0-9A-Fa-f]+", name) and any(c.isdigit() for c in name):
+        return True
     return (len(name) >= 20 and "_" not in name and any(c.isdigit() for c in name)
             and any(c.islower() for c in name) and any(c.isupper() for c in name))
+
+
+def is_env_var_name(value: Any) -> bool:
+    """Whether `value` can be what `api_key_env` holds: a variable's NAME, and nothing that looks like a key."""
+    return isinstance(value, str) and bool(re.fullmatch(NAME_PATTERN, value)) and not _looks_like_a_key(value)
+
+
+def has_url_credentials(url: str) -> bool:
+    """Whether `url` carries credentials in its authority: user:password@, :secret@ or token@."""
+    return bool(_URL_CREDENTIALS.match(url.strip()))
+
+
+def looks_secret(text: str) -> bool:
+    """Whether a free text holds a key (a known key prefix) or a URL with credentials: such text is never
+    echoed, and never accepted where a spec keeps it."""
+    return bool(_PREFIXED_KEY.search(text) or _URL_IN_TEXT_CREDENTIALS.search(text))
+
+
+def secret_in(value: Any) -> tuple | None:
+    """The key path (below `value`) of the first secret carrier in a free-form value: a mapping key such as
+    api_key, apiKey or an Authorization / x-api-key header, or a string holding a key or a URL with
+    credentials; None when there is none. Iterative, each container once (YAML aliases may share them)."""
+    stack: list[tuple[tuple, Any]] = [((), value)]
+    seen: set[int] = set()
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, str):
+            if looks_secret(v):
+                return path
+        elif isinstance(v, (dict, list)) and id(v) not in seen:
+            seen.add(id(v))
+            items = list(v.items()) if isinstance(v, dict) else list(enumerate(v))
+            for k, item in items:
+                if isinstance(v, dict) and is_secret_key(k):
+                    return path + (k,)
+            stack.extend((path + (k,), item) for k, item in reversed(items))
+    return None
+
+
+LITERAL_KEY_EXPECTED = "`api_key_env: NAME` on the model config, the environment variable holding the key"
+
+
+def literal_key_got(where: str) -> str:
+    return f"a literal API key in `{where}` (not shown; secrets never go in a spec)"
+
+
+URL_EXPECTED = "an http:// or https:// URL"
+URL_CREDENTIALS_GOT = "a URL with credentials (not shown; keys go in api_key_env)"
+
+
+def url_problem(url: Any) -> tuple[str, str] | None:
+    """(expected, got) when `url` is not an http(s) URL free of secrets; the one rule for `api_base`, whether
+    a single URL, an item of a list or a deployment's `url`. Never echoes a secret."""
+    if not isinstance(url, str):
+        return URL_EXPECTED, describe_value(url)
+    if has_url_credentials(url):
+        return URL_EXPECTED, URL_CREDENTIALS_GOT
+    if looks_secret(url) or any(is_secret_key(k) for k in _query_keys(url)):
+        return URL_EXPECTED, "a URL with a key in it (not shown; keys go in api_key_env)"
+    if not URL_PATTERN.fullmatch(url):
+        return URL_EXPECTED, describe_value(url)
+    return None
+
+
+def _query_keys(url: str) -> list[str]:
+    query = url.partition("?")[2].partition("#")[0]
+    return [pair.partition("=")[0] for pair in query.split("&") if pair]
 
 
 class Strict(BaseModel):
@@ -50,6 +153,14 @@ class Deployment(Strict):
     concurrency: int | None = Field(None, ge=1, le=1024, description="calls in flight on this deployment")
     rpm: int | None = Field(None, ge=1, description="requests per minute on this deployment")
     tpm: int | None = Field(None, ge=1, description="tokens per minute on this deployment")
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _http_url(cls, value: Any) -> Any:
+        problem = url_problem(value)  # the rule of every api_base form (a spec's lists are checked before, by item)
+        if problem is not None:
+            raise spec_value_error(*problem)
+        return value
 
 
 DEPLOYMENT_KEYS = tuple(Deployment.model_fields)
@@ -67,10 +178,9 @@ def _deployment_problem(items: list) -> tuple[str, str, tuple] | None:
         key: tuple = (i,)
         if isinstance(item, dict):
             unknown = [k for k in item if k not in DEPLOYMENT_KEYS]
-            secret = [k for k in unknown if k in SECRET_KEYS]
+            secret = [k for k in unknown if is_secret_key(k)]
             if secret:  # never echo the value
-                return ("`api_key_env: NAME` on the model config, the environment variable holding the key",
-                        f"a literal API key in `{secret[0]}` (secrets never go in a spec)", (i, secret[0]))
+                return LITERAL_KEY_EXPECTED, literal_key_got(secret[0]), (i, secret[0])
             if unknown:
                 return f"a known key ({', '.join(DEPLOYMENT_KEYS)})", f"unknown key `{unknown[0]}`", (i, unknown[0])
             for limit, top in DEPLOYMENT_LIMITS.items():
@@ -86,10 +196,9 @@ def _deployment_problem(items: list) -> tuple[str, str, tuple] | None:
             url = item
         else:
             return "a URL or a mapping {url, concurrency, rpm, tpm}", describe_value(item), key
-        if not isinstance(url, str) or not URL_PATTERN.fullmatch(url):
-            if isinstance(url, str) and "@" in url:  # never echo it: user:password@host
-                return "an http:// or https:// URL", "a URL with credentials (not shown; keys go in api_key_env)", key
-            return "an http:// or https:// URL", describe_value(url), key
+        problem = url_problem(url)
+        if problem is not None:
+            return (*problem, key)
         norm = url.rstrip("/").lower()
         if norm in seen:
             return "each deployment URL once", f"a duplicate of item {seen[norm]} ({url})", key
@@ -120,14 +229,17 @@ class ModelConfig(Strict):
     @model_validator(mode="before")
     @classmethod
     def _refuse_literal_keys(cls, data: Any) -> Any:
+        """No secret in a model config: not as a key of its own (api_key, API_KEY, token), nor anywhere in
+        `extra` (api_key-like params, Authorization / x-api-key headers, keys or URLs with credentials in
+        values, which litellm would send and a run directory would keep). Values are never echoed."""
         if isinstance(data, dict):
-            extra = data.get("extra") if isinstance(data.get("extra"), dict) else {}
-            for where, mapping in (("", data), ("extra.", extra)):
-                for key in SECRET_KEYS:
-                    if key in mapping:  # never echo the value
-                        raise spec_value_error(
-                            "`api_key_env: NAME`, the environment variable holding the key",
-                            f"a literal API key in `{key}` (secrets never go in a spec)", where + key)
+            for key in data:
+                if is_secret_key(key):
+                    raise spec_value_error(LITERAL_KEY_EXPECTED, literal_key_got(key), key)
+            found = secret_in(data.get("extra"))
+            if found is not None:
+                where = next((k for k in reversed(found) if isinstance(k, str)), "extra")
+                raise spec_value_error(LITERAL_KEY_EXPECTED, literal_key_got(where), ("extra", *found))
         return data
 
     @field_validator("api_base", mode="before")
@@ -138,6 +250,10 @@ class ModelConfig(Strict):
             if problem is not None:
                 expected, got, key = problem
                 raise spec_value_error(expected, got, key)
+        elif value is not None:  # a single URL: the same rule as each item of a list
+            problem = url_problem(value)
+            if problem is not None:
+                raise spec_value_error(*problem)
         return value
 
     @model_validator(mode="after")
@@ -150,8 +266,8 @@ class ModelConfig(Strict):
     @field_validator("api_key_env", mode="before")
     @classmethod
     def _env_name_not_a_key(cls, value: Any) -> Any:
-        if isinstance(value, str) and (not re.fullmatch(NAME_PATTERN, value) or _looks_like_a_key(value)):
-            # never echo it: it may be the key (some keys are letters and digits only)
+        if value is not None and not is_env_var_name(value):
+            # never echo it, whatever its type: it may be the key (some keys are letters, digits and _ only)
             raise spec_value_error("the NAME of an environment variable (letters, digits and _), e.g. OPENAI_API_KEY",
                                    "something else (not shown: it may be the key itself)")
         return value

@@ -96,6 +96,7 @@ from typing import Any
 
 import yaml
 
+from autodiff_cli.files import read_jsonl
 from autodiff_cli.llm import fake
 from autodiff_cli.llm import fake_server as fs
 
@@ -658,7 +659,7 @@ def run_autodiff(pipeline: str, srv: BenchServer, s: Settings, work: Path, log=l
     if proc.returncode != 0:
         raise RuntimeError(f"autodiff train exited {proc.returncode}: {proc.stderr[-3000:]}")
     run_dir = Path(proc.stdout.strip().splitlines()[-1])
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    rows = read_jsonl(run_dir / "metrics.jsonl") or []
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     if len(versions) != len(rows) + 1:
         raise RuntimeError(f"saw {len(versions)} versions of checkpoint.json for {len(rows)} steps (expected one more)")
