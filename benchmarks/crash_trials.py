@@ -53,7 +53,7 @@ from pathlib import Path
 import yaml
 
 from autodiff_cli.errors import DataError
-from autodiff_cli.files import read_jsonl
+from autodiff_cli.io.files import read_jsonl
 
 HERE = Path(__file__).resolve().parent
 PAUSING_CLI = HERE.parent / "tests" / "tools" / "pausing_cli.py"  # the CLI with the pause hook (test tooling)
@@ -378,7 +378,7 @@ def counts(trials: list[Trial]) -> dict:
 
 # ---------------------------------------------------------------- killed under faults, with a dummy key
 
-# Over HTTP this time: the fake server (autodiff_cli/llm/fake_server.py) answers from the same script.
+# Over HTTP this time: the fake server (tests/support/fake_server.py) answers from the same script.
 # 15% of requests fail, a third each as 500, 429 and a reset connection, seeded per request body (the
 # same pattern every time); max_retries 8 makes a call that fails every attempt vanishingly rare.
 KILL_FAULTS = ({"kind": "500", "rate": 0.05}, {"kind": "429", "rate": 0.05, "retry_after": 0},
@@ -414,7 +414,7 @@ def run_killed_under_faults(work: Path, key: str, kill_step: int = 2) -> dict:
     and checkpoint must be what an uninterrupted, fault-free run writes (usage, wall time and place
     aside), and its usage must equal the server's counts. Returns {problems, ...}."""
     from autodiff_cli.llm import fake
-    from autodiff_cli.llm.fake_server import FakeServer
+    from tests.support.fake_server import FakeServer
 
     def command(spec: Path, folder: Path, key: str, *extra) -> tuple[list[str], dict]:
         assert spec == folder / "spec.yaml"  # train_cmd's

@@ -1,6 +1,6 @@
 """Fault matrix: provider faults through the real HTTP path, in `autodiff eval` and `autodiff train`.
 
-Every case starts `autodiff_cli/llm/fake_server.py` (an OpenAI-compatible server on 127.0.0.1, zero
+Every case starts `tests/support/fake_server.py` (an OpenAI-compatible server on 127.0.0.1, zero
 latency) with one injected fault, points every model config of a small spec at it
 (`model: openai/fake`, `api_base`, `api_key_env`), so each call goes ModelClient -> litellm ->
 HTTP -> server, runs the CLI command in process (typer's CliRunner; the client's backoff base is
@@ -43,7 +43,7 @@ resume, the final summary's usage equals the two servers' counts together.
 
 Cold process: the cases above run in the test's own process, where litellm, the openai SDK and
 httpx are already imported and their clients built. `eval (cold process)` runs the transient eval
-cases of COLD_KINDS in a fresh interpreter (`python -m autodiff_cli.cli`; the backoff is then the
+cases of COLD_KINDS in a fresh interpreter (`python -m autodiff_cli.app.cli`; the backoff is then the
 CLI's own), so the first wave of attempts meets a cold client: their timeouts must not run out
 before their requests are sent, and usage must still equal what the server saw.
 
@@ -224,7 +224,7 @@ class Failures:
 @contextlib.contextmanager
 def instrumented() -> Iterator[Failures]:
     """No backoff wait (Retry-After still applies) and a record of every call given up."""
-    from autodiff_cli import commands
+    from autodiff_cli.app import commands
     from autodiff_cli.llm.client import ModelClient
     from autodiff_cli.llm.providers import load_litellm
 
@@ -269,7 +269,7 @@ class Result:
 def cli(args: list[str], folder: Path) -> tuple[int, str, str, Failures]:
     from typer.testing import CliRunner
 
-    from autodiff_cli.cli import app
+    from autodiff_cli.app.cli import app
 
     # each run its own call cache (never a shared Redis one)
     env = {KEY_ENV: "fault-matrix-key", "AUTODIFF_CACHE": str(folder / "cache"), "AUTODIFF_DATA": str(folder),
@@ -286,7 +286,7 @@ def cli_cold(args: list[str], folder: Path) -> tuple[int, str, str]:
     env = {**os.environ, KEY_ENV: "fault-matrix-key", "AUTODIFF_CACHE": str(folder / "cache"),
            "AUTODIFF_DATA": str(folder)}
     env.pop("AUTODIFF_CACHE_URL", None)
-    r = subprocess.run([sys.executable, "-m", "autodiff_cli.cli", *map(str, args)], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "autodiff_cli.app.cli", *map(str, args)], capture_output=True, text=True,
                        env=env, cwd=ROOT, timeout=600)
     if "Traceback" in r.stderr:
         raise RuntimeError(f"`autodiff {args[0]}` crashed in a fresh process:\n{r.stderr[-3000:]}")
@@ -307,7 +307,7 @@ def make_project(folder: Path, api_base: str, timeout: float) -> Path:
 @contextlib.contextmanager
 def server(folder: Path, faults: list[dict], port: int = 0):
     from autodiff_cli.llm import fake
-    from autodiff_cli.llm.fake_server import FakeServer
+    from tests.support.fake_server import FakeServer
 
     fake.reset_fake_state()
     with FakeServer(folder / "script.yaml", latency=0.0, port=port, faults=faults).in_thread() as srv:
@@ -688,7 +688,7 @@ def run_load(n: int, folder: Path, *, concurrency: int = LOAD_CONCURRENCY, seed:
     `problems` (empty when every example was scored or, only after exhausting its retries,
     counted as an error, usage equals the server's counts and the score is the expected one)."""
     from autodiff_cli.llm import fake
-    from autodiff_cli.llm.fake_server import FakeServer
+    from tests.support.fake_server import FakeServer
 
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)

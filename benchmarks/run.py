@@ -24,7 +24,7 @@ variant, with the variant's settings appended to the --set options, and the tabl
 with those options would key it, so a variant without settings (`'NAME='`) reuses the plain runs.
 
 Only the standard library and PyYAML (a dependency of the project) are used; the CLI is run as
-`sys.executable -m autodiff_cli.cli`.
+`sys.executable -m autodiff_cli.app.cli`.
 """
 from __future__ import annotations
 
@@ -223,7 +223,7 @@ def initial_key(config: Path, sets: list[str], split: str) -> str:
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "autodiff_cli.cli", *args]
+    return [sys.executable, "-m", "autodiff_cli.app.cli", *args]
 
 
 def show(cmd: list[str]) -> str:
@@ -443,7 +443,7 @@ def ensure_scored(runner: Runner, state: State, config: Path, sets: list[str], e
 def read_rows(path: Path | None) -> dict[str, dict]:
     if path is None or not path.exists():
         return {}
-    from autodiff_cli.files import read_jsonl  # "\n" only: eval --out rows may hold U+2028
+    from autodiff_cli.io.files import read_jsonl  # "\n" only: eval --out rows may hold U+2028
 
     return {str(row["id"]): row for row in read_jsonl(path) or []}
 

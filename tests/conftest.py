@@ -27,7 +27,7 @@ def write(path: Path, text: str) -> Path:
 @pytest.fixture
 def errors_scored_as_zero(monkeypatch):
     """Reintroduce the bug the fault checks exist for: an example whose model call failed is scored 0."""
-    from autodiff_cli import evaluate as evaluate_module
+    from autodiff_cli.engine import evaluate as evaluate_module
 
     real = evaluate_module._result
 

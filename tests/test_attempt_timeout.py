@@ -19,7 +19,7 @@ import pytest
 from autodiff_cli.errors import ModelCallError
 from autodiff_cli.llm import fake
 from autodiff_cli.llm.client import ModelClient
-from autodiff_cli.llm.fake_server import FakeServer
+from tests.support.fake_server import FakeServer
 from autodiff_cli.llm.usage import Usage
 from autodiff_cli.spec.models import ModelConfig
 
@@ -76,7 +76,7 @@ def eval_cold(spec: Path, tmp_path: Path, *extra: str) -> tuple[int, dict, str]:
     """`autodiff eval --json` in a fresh interpreter: nothing of litellm, openai or httpx imported yet."""
     env = {**os.environ, KEY_ENV: "any", "AUTODIFF_CACHE": str(tmp_path / "cache")}
     env.pop("AUTODIFF_CACHE_URL", None)
-    r = subprocess.run([sys.executable, "-m", "autodiff_cli.cli", "eval", str(spec), "--split", "val", "--json",
+    r = subprocess.run([sys.executable, "-m", "autodiff_cli.app.cli", "eval", str(spec), "--split", "val", "--json",
                         "--no-cache", *extra], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert "Traceback" not in r.stderr, r.stderr
     return r.returncode, json.loads(r.stdout.strip().splitlines()[-1]), r.stderr

@@ -18,19 +18,19 @@ import re
 import pytest
 import yaml
 
-from autodiff_cli.compiler import compile_spec
-from autodiff_cli.engine import ForwardEngine, score
+from autodiff_cli.spec.compiler import compile_spec
+from autodiff_cli.engine.forward import ForwardEngine, score
 from autodiff_cli.grad.backward import BackwardEngine, _input_key, _param_key, canonical
 from autodiff_cli.grad.loss import evaluate_loss
 from autodiff_cli.llm.client import ModelClient
 from autodiff_cli.llm.fake import reset_fake_state
 from autodiff_cli.llm.usage import Usage
-from autodiff_cli.prompts_io import initial_values
+from autodiff_cli.io.prompts_io import initial_values
 from autodiff_cli.spec.loader import load_spec
 
-from .conftest import write
-from .specs import COUNT_PIPELINE
-from .test_gdpo import as_text, check_golden
+from tests.conftest import write
+from tests.specs import COUNT_PIPELINE
+from tests.test_gdpo import as_text, check_golden
 
 MODELS = """
 models:

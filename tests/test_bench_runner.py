@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from autodiff_cli.cli import app
+from autodiff_cli.app.cli import app
 from autodiff_cli.llm.fake import reset_fake_state
 
-from .conftest import write
-from .specs import TOY_SCRIPT, TOY_SPEC
+from tests.conftest import write
+from tests.specs import TOY_SCRIPT, TOY_SPEC
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -168,7 +168,7 @@ def test_report_only_names_what_is_not_recorded_and_writes_nothing(tmp_path, toy
 
 
 def test_an_interrupted_run_is_resumed_not_restarted(tmp_path, toy, commands, monkeypatch):
-    from autodiff_cli import trainer as trainer_module
+    from autodiff_cli.train import trainer as trainer_module
 
     original = trainer_module.Trainer.step
 

@@ -11,12 +11,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from autodiff_cli import browse
-from autodiff_cli.cli import app
+from autodiff_cli.app import browse
+from autodiff_cli.app.cli import app
 from autodiff_cli.llm.fake import reset_fake_state
 
-from .conftest import write
-from .specs import TOY_SCRIPT, TOY_SPEC
+from tests.conftest import write
+from tests.specs import TOY_SCRIPT, TOY_SPEC
 
 SCRIPT = TOY_SCRIPT
 

@@ -5,11 +5,11 @@ import json
 import subprocess
 import sys
 
-from .test_train import setup
+from tests.test_train import setup
 
 
 def cli(*args, env=None, cwd=None):
-    return subprocess.run([sys.executable, "-m", "autodiff_cli.cli", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "autodiff_cli.app.cli", *map(str, args)],
                           capture_output=True, text=True, env=env, cwd=cwd)
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from autodiff_cli.cli import app
-from autodiff_cli.compiler import Program, Ref, compile_spec
+from autodiff_cli.app.cli import app
+from autodiff_cli.spec.compiler import Program, Ref, compile_spec
 from autodiff_cli.spec.loader import load_spec
 
 HEAD = """\

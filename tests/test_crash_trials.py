@@ -54,7 +54,7 @@ def test_crash_trials_lose_nothing(tmp_path):
 
 
 def test_the_pause_hook_is_inert_unless_asked_for(tmp_path):
-    code = ("import sys; from pathlib import Path; from autodiff_cli.files import atomic_write_bytes; "
+    code = ("import sys; from pathlib import Path; from autodiff_cli.io.files import atomic_write_bytes; "
             "atomic_write_bytes(Path(sys.argv[1]), b'{}')")
     for pause in (None, "other.json:5"):
         env = {k: v for k, v in os.environ.items() if k != C.PAUSE_ENV}
@@ -77,7 +77,7 @@ def test_a_kill_in_the_middle_of_an_atomic_write_keeps_the_old_file(tmp_path):
     """The primitive under the trials: SIGKILL between writing the temporary file and os.replace."""
     target = tmp_path / "checkpoint.json"
     target.write_text(json.dumps({"state": {"step": 1}}))
-    code = ("import sys; from pathlib import Path; from autodiff_cli.files import atomic_write_bytes; "
+    code = ("import sys; from pathlib import Path; from autodiff_cli.io.files import atomic_write_bytes; "
             "atomic_write_bytes(Path(sys.argv[1]), b'{\"state\": {\"step\": 2}}')")
     env = {**os.environ, C.PAUSE_ENV: "checkpoint.json:30"}
     proc = subprocess.Popen([sys.executable, str(C.PAUSING_CLI), "-c", code, str(target)], stderr=subprocess.PIPE,
@@ -89,7 +89,7 @@ def test_a_kill_in_the_middle_of_an_atomic_write_keeps_the_old_file(tmp_path):
     leftovers = list(tmp_path.glob(".checkpoint.json.*.tmp"))
     assert len(leftovers) == 1 and json.loads(leftovers[0].read_text())["state"]["step"] == 2
 
-    from autodiff_cli.rundir import RunDir
+    from autodiff_cli.io.rundir import RunDir
 
     (tmp_path / "config.yaml").write_text("name: x\n")
     (tmp_path / "resolved.yaml").write_text("name: x\n")

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from autodiff_cli.cli import app
+from autodiff_cli.app.cli import app
 
-from .specs import MINI_TRAIN
+from tests.specs import MINI_TRAIN
 
 MAX_DEPTH = 100  # levels of nested lists and mappings a spec may have (spec/loader.py), as the errors say
 
@@ -208,7 +208,7 @@ def test_deep_nesting_no_check_locates_is_still_exit_2_without_a_traceback(proje
     spec.write_text(BASE, encoding="utf-8")
     row = '{"id": "c", "question": ' + nested_list(5000) + ', "answer": "1"}\n'
     (project / "val.jsonl").write_text(row, encoding="utf-8")
-    proc = subprocess.run([sys.executable, "-m", "autodiff_cli.cli", *(["--debug"] if debug else []),
+    proc = subprocess.run([sys.executable, "-m", "autodiff_cli.app.cli", *(["--debug"] if debug else []),
                            "eval", str(spec)], capture_output=True, text=True, timeout=120, cwd=project,
                           env=os.environ.copy())
     assert proc.returncode == 2, proc.stderr[-2000:]

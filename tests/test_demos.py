@@ -13,12 +13,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from autodiff_cli.cli import app
+from autodiff_cli.app.cli import app
 from autodiff_cli.data.loaders import Example
 from autodiff_cli.llm.fake import reset_fake_state
 from autodiff_cli.optim import demos
 
-from .conftest import write
+from tests.conftest import write
 
 # The student answers right only when its prompt holds a bootstrapped demo (`response: Sum is`)
 # and the question's n (at the very end of the user message) is even, or when n is 1; with
@@ -152,11 +152,11 @@ def test_schedule_kinds(schedule, kinds):
 
 
 def test_teacher_tries_are_separate_cached_calls(tmp_path):
-    from autodiff_cli.compiler import compile_spec
+    from autodiff_cli.spec.compiler import compile_spec
     from autodiff_cli.llm.cache import CallCache
     from autodiff_cli.llm.client import ModelClient
     from autodiff_cli.llm.usage import Usage
-    from autodiff_cli.prompts_io import initial_values
+    from autodiff_cli.io.prompts_io import initial_values
     from autodiff_cli.spec.loader import load_spec
 
     setup(tmp_path)
@@ -269,7 +269,7 @@ def test_interrupted_run_with_demos_resumes_to_the_same_result(tmp_path, monkeyp
     reference, reference_metrics, reference_state = read(straight)
     assert reference["best"]["step"] == 2  # the demos of step 2 were accepted
 
-    from autodiff_cli import trainer as trainer_module
+    from autodiff_cli.train import trainer as trainer_module
 
     original = trainer_module.Trainer.step
     calls = {"n": 0}

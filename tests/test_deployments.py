@@ -19,7 +19,7 @@ from autodiff_cli.llm import fake
 from autodiff_cli.llm.cache import CallCache
 from autodiff_cli.llm.client import ModelClient
 from autodiff_cli.llm.deployments import DeploymentPool
-from autodiff_cli.llm.fake_server import FakeServer
+from tests.support.fake_server import FakeServer
 from autodiff_cli.llm.usage import Usage
 from autodiff_cli.spec.models import Deployment, ModelConfig
 
@@ -311,7 +311,7 @@ def write_spec(tmp_path: Path, servers, limits=None, name="spec.yaml") -> Path:
 
 
 def cli_eval(spec: Path, env: dict, *args: str) -> tuple[dict, subprocess.CompletedProcess]:
-    r = subprocess.run([sys.executable, "-m", "autodiff_cli.cli", "eval", str(spec), "--json", *args],
+    r = subprocess.run([sys.executable, "-m", "autodiff_cli.app.cli", "eval", str(spec), "--json", *args],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr

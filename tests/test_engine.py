@@ -5,16 +5,16 @@ import asyncio
 import json
 
 
-from autodiff_cli.compiler import compile_spec
-from autodiff_cli.engine import score
+from autodiff_cli.spec.compiler import compile_spec
+from autodiff_cli.engine.forward import score
 from autodiff_cli.llm.cache import CallCache
 from autodiff_cli.llm.client import ModelClient
 from autodiff_cli.llm.usage import Usage
-from autodiff_cli.prompts_io import initial_values
+from autodiff_cli.io.prompts_io import initial_values
 from autodiff_cli.spec.loader import load_spec
 
-from .conftest import write
-from .specs import CORPUS, MULTIHOP as LOOP
+from tests.conftest import write
+from tests.specs import CORPUS, MULTIHOP as LOOP
 
 SCRIPT = """
 rules:
@@ -63,7 +63,7 @@ def build(tmp_path, spec_text, rows, cache=True):
 
 
 def run(program, client, example_id, fields, values=None):
-    from autodiff_cli.engine import ForwardEngine
+    from autodiff_cli.engine.forward import ForwardEngine
 
     values = values or initial_values(program.spec)
     return asyncio.run(ForwardEngine(program, client).run(example_id, fields, values))
@@ -141,7 +141,7 @@ def test_until_that_cannot_read_the_output_lets_the_loop_run_to_max_iters(tmp_pa
 
 
 def test_engine_can_run_another_model_config_under_another_role_with_a_salt(tmp_path):
-    from autodiff_cli.engine import ForwardEngine
+    from autodiff_cli.engine.forward import ForwardEngine
 
     program, client = build(tmp_path, CHAIN, [{"id": "a", "question": "How many apples?", "answer": "3"}])
     write(tmp_path / "other.yaml", 'default: "Answer: 7"\n')

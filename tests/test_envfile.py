@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from typer.testing import CliRunner
 
-from autodiff_cli.cli import app
-from autodiff_cli.envfile import load_env_file, parse_env_file
+from autodiff_cli.app.cli import app
+from autodiff_cli.app.envfile import load_env_file, parse_env_file
 
-from .conftest import write
+from tests.conftest import write
 
 
 def test_parses_dotenv_lines(tmp_path):

@@ -5,9 +5,9 @@ import json
 
 from typer.testing import CliRunner
 
-from autodiff_cli.cli import app
+from autodiff_cli.app.cli import app
 
-from .conftest import write
+from tests.conftest import write
 
 SCRIPT = """
 rules:

@@ -7,14 +7,14 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from autodiff_cli.cli import app
-from autodiff_cli.export import Placeholder, export_prompts, render_with_placeholders
-from autodiff_cli.rundir import RunDir
+from autodiff_cli.app.cli import app
+from autodiff_cli.app.export import Placeholder, export_prompts, render_with_placeholders
+from autodiff_cli.io.rundir import RunDir
 from autodiff_cli.spec.loader import load_spec
-from autodiff_cli.templates import TemplateError, compile_template
+from autodiff_cli.spec.templates import TemplateError, compile_template
 
-from .conftest import write
-from .specs import MULTIHOP
+from tests.conftest import write
+from tests.specs import MULTIHOP
 
 SCRIPT = """
 rules:

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from autodiff_cli.expr import MAX_SOURCE_CHARS, Expr, ExprError, compile_expr
+from autodiff_cli.spec.expr import MAX_SOURCE_CHARS, Expr, ExprError, compile_expr
 
 CTX = {
     "plan": {"action": "finish", "args": {"query": "paris"}},

@@ -19,7 +19,7 @@ from autodiff_cli.errors import ModelCallError
 from autodiff_cli.llm import fake
 from autodiff_cli.llm.cache import CallCache
 from autodiff_cli.llm.client import ModelClient, retry_after_seconds
-from autodiff_cli.llm.fake_server import FakeServer, Fault
+from tests.support.fake_server import FakeServer, Fault
 from autodiff_cli.llm.usage import Usage
 from autodiff_cli.spec.models import ModelConfig
 
@@ -224,7 +224,7 @@ def test_fault_options_are_checked():
 
 
 def test_command_serves_stats_and_stops_on_sigterm(script):
-    proc = subprocess.Popen([sys.executable, "-m", "autodiff_cli.llm.fake_server", "--script", str(script),
+    proc = subprocess.Popen([sys.executable, "-m", "tests.support.fake_server", "--script", str(script),
                              "--latency", "0.05", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:

@@ -13,7 +13,7 @@ import pytest
 
 from autodiff_cli.llm import fake
 from autodiff_cli.llm.client import ModelClient
-from autodiff_cli.llm.fake_server import MALFORMED_TEXT, FakeServer
+from tests.support.fake_server import MALFORMED_TEXT, FakeServer
 from autodiff_cli.llm.usage import Usage
 from autodiff_cli.optim.gdpo import parse_proposal
 from autodiff_cli.spec.models import ModelConfig

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from autodiff_cli.cli import app
+from autodiff_cli.app.cli import app
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "40"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ.get("FUZZ_RANDOM"),
@@ -432,7 +432,7 @@ SUBPROCESS_CASES = {
 @pytest.mark.parametrize("case", list(SUBPROCESS_CASES))
 def test_nasty_specs_in_a_real_process(project, case):
     (project / "spec.yaml").write_bytes(SUBPROCESS_CASES[case])
-    proc = subprocess.run([sys.executable, "-m", "autodiff_cli.cli", "validate", str(project / "spec.yaml")],
+    proc = subprocess.run([sys.executable, "-m", "autodiff_cli.app.cli", "validate", str(project / "spec.yaml")],
                           capture_output=True, text=True, timeout=60, cwd=project, env=os.environ.copy())
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr and proc.stdout == ""
@@ -442,7 +442,7 @@ def test_nasty_specs_in_a_real_process(project, case):
 
 
 def test_a_nasty_set_argument_in_a_real_process(project):
-    proc = subprocess.run([sys.executable, "-m", "autodiff_cli.cli", "validate", str(project / "spec.yaml"),
+    proc = subprocess.run([sys.executable, "-m", "autodiff_cli.app.cli", "validate", str(project / "spec.yaml"),
                            "--set", "train.max_steps=&a [*a]", "--set", "nodes.0.kind=x"],
                           capture_output=True, text=True, timeout=60, cwd=project, env=os.environ.copy())
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from autodiff_cli.cli import app
+from autodiff_cli.app.cli import app
 from autodiff_cli.llm.cache import redact_url, scrub_url_secret
 
-from .specs import MINI_TRAIN
+from tests.specs import MINI_TRAIN
 
 BASE = MINI_TRAIN.replace("name: mini", "name: leaks") + "train: {max_steps: 1}\n"
 MODEL = "task: {model: fake/script.yaml, temperature: 0}"

@@ -14,11 +14,11 @@ import pytest
 
 from autodiff_cli.llm import fake
 from autodiff_cli.llm.client import ModelClient
-from autodiff_cli.llm.fake_server import FakeServer
+from tests.support.fake_server import FakeServer
 from autodiff_cli.llm.usage import Usage
 from autodiff_cli.spec.models import ModelConfig
 
-from .test_faults import load_matrix
+from tests.test_faults import load_matrix
 
 M = load_matrix()
 EXAMPLES = int(os.environ.get("LOAD_EXAMPLES", "10000"))
@@ -40,7 +40,7 @@ def test_eval_of_10000_examples_at_concurrency_64_with_5_percent_faults(tmp_path
 
 def test_load_checks_catch_a_lost_error_and_a_capped_concurrency(tmp_path, monkeypatch, errors_scored_as_zero):
     """The load run's own checks: an error scored as wrong, or fewer calls in flight than asked for."""
-    from autodiff_cli import evaluate as evaluate_module
+    from autodiff_cli.engine import evaluate as evaluate_module
 
     r = M.run_load(40, tmp_path / "small", concurrency=4, latency=0.05,
                    faults=({"kind": "500", "match": r"n=1\b"},))  # q1 always fails: an error after 4 attempts

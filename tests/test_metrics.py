@@ -9,9 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from autodiff_cli.cli import app
+from autodiff_cli.app.cli import app
 from autodiff_cli.errors import SpecError
-from autodiff_cli.metrics import METRICS, accuracy, contains, exact_match, f1, normalize_answer, resolve_metric
+from autodiff_cli.nodes.metrics import METRICS, accuracy, contains, exact_match, f1, normalize_answer, resolve_metric
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from autodiff_cli.cli import app
+from autodiff_cli.app.cli import app
 from autodiff_cli.llm.fake import reset_fake_state
 
 ROOT = Path(__file__).resolve().parents[1]

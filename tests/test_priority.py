@@ -6,17 +6,17 @@ import asyncio
 
 import pytest
 
-from autodiff_cli.compiler import compile_spec
+from autodiff_cli.spec.compiler import compile_spec
 from autodiff_cli.data.loaders import Example
-from autodiff_cli.evaluate import evaluate
+from autodiff_cli.engine.evaluate import evaluate
 from autodiff_cli.llm.client import ModelClient
 from autodiff_cli.llm.fake import reset_fake_state
 from autodiff_cli.llm.priority import PrioritySemaphore, call_priority
 from autodiff_cli.llm.usage import Usage
-from autodiff_cli.prompts_io import initial_values
+from autodiff_cli.io.prompts_io import initial_values
 from autodiff_cli.spec.loader import load_spec
 
-from .conftest import write
+from tests.conftest import write
 
 
 def run(coro):

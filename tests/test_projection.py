@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from autodiff_cli.cli import app
+from autodiff_cli.app.cli import app
 from autodiff_cli.llm.fake import reset_fake_state
 
-from .conftest import write
-from .specs import TOY_SCRIPT
+from tests.conftest import write
+from tests.specs import TOY_SCRIPT
 
 SPEC = """
 name: proj

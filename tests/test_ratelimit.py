@@ -9,7 +9,7 @@ from autodiff_cli.llm.ratelimit import RateLimiter, estimate_tokens
 from autodiff_cli.llm.usage import Usage
 from autodiff_cli.spec.models import ModelConfig
 
-from .conftest import write
+from tests.conftest import write
 
 
 class FakeClock:

@@ -149,7 +149,7 @@ def test_the_client_stores_only_good_replies(redis_url, raw, tmp_path):
 
 
 def cli(*args, env, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "autodiff_cli.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "autodiff_cli.app.cli", *map(str, args)], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=120)
 
 
@@ -244,7 +244,7 @@ def test_not_a_redis_url(tmp_path):
 
 def test_missing_redis_package_is_a_clear_error(tmp_path):
     code = ("import sys; sys.modules['redis'] = None\n"  # as if the package were not installed
-            "from autodiff_cli.cli import main\n"
+            "from autodiff_cli.app.cli import main\n"
             "sys.argv = ['autodiff', 'cache', 'stats']\n"
             "main()\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,

@@ -9,12 +9,12 @@ import zlib
 import pytest
 from typer.testing import CliRunner
 
-from autodiff_cli.cli import app
-from autodiff_cli.plot import CurvePoints, curve_from_metrics, score_curve_png
-from autodiff_cli.report import write_report
-from autodiff_cli.rundir import RunDir
+from autodiff_cli.app.cli import app
+from autodiff_cli.app.plot import CurvePoints, curve_from_metrics, score_curve_png
+from autodiff_cli.app.report import write_report
+from autodiff_cli.io.rundir import RunDir
 
-from .test_browse import ACCEPTED_VALUE, REJECTED_VALUE, make_run
+from tests.test_browse import ACCEPTED_VALUE, REJECTED_VALUE, make_run
 
 SECTIONS = ["## Configuration", "## Score curve", "## Steps", "## Parameter changes", "## Usage and cost",
             "## Test scores"]

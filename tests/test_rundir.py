@@ -12,10 +12,10 @@ import pytest
 import yaml
 
 from autodiff_cli.errors import EXIT_USAGE, UsageError
-from autodiff_cli.files import atomic_write_bytes
-from autodiff_cli.rundir import RunDir
+from autodiff_cli.io.files import atomic_write_bytes
+from autodiff_cli.io.rundir import RunDir
 
-from .conftest import write
+from tests.conftest import write
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
 SPEC_TEXT = "name: tiny\n# a comment that only the file as given has\nparams:\n  instruction: {value: 'Count.'}\n"
@@ -155,7 +155,7 @@ def test_a_run_held_by_a_live_process_is_running_and_one_whose_process_died_is_k
     run.write_summary({"status": "running"})
     assert run.liveness() == "killed"  # nobody holds it (a run made before its process could lock it)
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from autodiff_cli.rundir import RunDir; r = RunDir.open(sys.argv[1]); r.acquire(); "
+        "import sys, time; from autodiff_cli.io.rundir import RunDir; r = RunDir.open(sys.argv[1]); r.acquire(); "
         "print('held', flush=True); time.sleep(60)"), str(run.path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"

@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from autodiff_cli.cli import app
+from autodiff_cli.app.cli import app
 from autodiff_cli.llm.fake import reset_fake_state
 
-from .conftest import write
+from tests.conftest import write
 
 SENTINEL = "PWNED_SENTINEL"
 
@@ -272,12 +272,12 @@ NASTY_DATA = [
 
 
 def _engine_messages(tmp_path, template_user: str, question: str):
-    from autodiff_cli.compiler import compile_spec
-    from autodiff_cli.engine import ForwardEngine
+    from autodiff_cli.spec.compiler import compile_spec
+    from autodiff_cli.engine.forward import ForwardEngine
     from autodiff_cli.llm.cache import CallCache
     from autodiff_cli.llm.client import ModelClient
     from autodiff_cli.llm.usage import Usage
-    from autodiff_cli.prompts_io import initial_values
+    from autodiff_cli.io.prompts_io import initial_values
     from autodiff_cli.spec.loader import load_spec
 
     row = {"id": "x", "question": question, "answer": "4"}
@@ -393,7 +393,7 @@ def test_a_planted_key_never_leaves_the_environment(tmp_path):
     spec = secret_project(tmp_path)
     cache = tmp_path / "deep" / "cache"
     env = {**os.environ, KEY_ENV: KEY, "AUTODIFF_CACHE": str(cache)}
-    run = [sys.executable, "-m", "autodiff_cli.cli"]
+    run = [sys.executable, "-m", "autodiff_cli.app.cli"]
     outputs = []
     train = subprocess.run(run + ["train", str(spec), "--runs-dir", str(tmp_path / "runs"), "--json"],
                            capture_output=True, env=env, cwd=tmp_path, timeout=300)

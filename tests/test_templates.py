@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from autodiff_cli.cli import app
-from autodiff_cli.templates import TemplateError, compile_template
+from autodiff_cli.app.cli import app
+from autodiff_cli.spec.templates import TemplateError, compile_template
 
 
 def render(source: str, **context) -> str:

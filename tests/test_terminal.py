@@ -12,9 +12,9 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from autodiff_cli.cli import app
+from autodiff_cli.app.cli import app
 
-from .conftest import write
+from tests.conftest import write
 
 SPEC = """
 name: slow
@@ -48,7 +48,7 @@ def test_quiet_prints_results_only(tmp_path):
 
 def test_without_a_terminal_progress_is_plain_timestamped_lines(tmp_path):
     spec = project(tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "autodiff_cli.cli", "eval", str(spec)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "autodiff_cli.app.cli", "eval", str(spec)], capture_output=True, text=True)
     assert proc.returncode == 0
     assert re.search(r"^\[\d\d:\d\d:\d\d\] eval slow \[val\]: 6/6 done", proc.stderr, re.M)
     assert "\x1b[" not in proc.stderr + proc.stdout and "━" not in proc.stderr
@@ -58,7 +58,7 @@ def test_without_a_terminal_progress_is_plain_timestamped_lines(tmp_path):
 def test_on_a_terminal_a_progress_bar_is_on_screen(tmp_path):
     spec = project(tmp_path, latency=0.5, n=12)
     session = f"autodiff-test-{os.getpid()}"
-    cmd = f"{sys.executable} -m autodiff_cli.cli eval {spec} --concurrency 1; sleep 5"
+    cmd = f"{sys.executable} -m autodiff_cli.app.cli eval {spec} --concurrency 1; sleep 5"
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "120", "-y", "20", cmd], check=True,
                    env={**os.environ, "TERM": "xterm-256color"})
     try:
@@ -75,12 +75,12 @@ def test_on_a_terminal_a_progress_bar_is_on_screen(tmp_path):
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 def test_train_shows_a_live_status_line_on_a_terminal(tmp_path):
-    from .test_train import setup
+    from tests.test_train import setup
 
     setup(tmp_path, new_value="Count the things slowly.")
     (tmp_path / "script.yaml").write_text((tmp_path / "script.yaml").read_text() + "latency: 0.4\n")
     session = f"autodiff-train-{os.getpid()}"
-    cmd = (f"{sys.executable} -m autodiff_cli.cli train {tmp_path / 'spec.yaml'} --runs-dir {tmp_path / 'runs'}"
+    cmd = (f"{sys.executable} -m autodiff_cli.app.cli train {tmp_path / 'spec.yaml'} --runs-dir {tmp_path / 'runs'}"
            f" --concurrency 1; sleep 5")
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "30", cmd], check=True,
                    env={**os.environ, "TERM": "xterm-256color"})

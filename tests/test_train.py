@@ -11,11 +11,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from autodiff_cli.cli import app
+from autodiff_cli.app.cli import app
 from autodiff_cli.llm.fake import reset_fake_state
 
-from .conftest import write
-from .specs import TOY_SCRIPT, TOY_SPEC
+from tests.conftest import write
+from tests.specs import TOY_SCRIPT, TOY_SPEC
 
 SCRIPT = TOY_SCRIPT
 
@@ -125,7 +125,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     _, straight = train(tmp_path)
     reference = json.loads((straight / "summary.json").read_text())
 
-    from autodiff_cli import trainer as trainer_module
+    from autodiff_cli.train import trainer as trainer_module
 
     original = trainer_module.Trainer.step
     calls = {"n": 0}
@@ -244,7 +244,7 @@ def test_sigterm_interrupts_cleanly_and_the_run_resumes(tmp_path):
     # proposals never help here, so every step runs backward and two proposals: slow enough to interrupt
     setup(tmp_path, new_value="Count the things slowly.", spec=SPEC.replace("max_steps: 2", "max_steps: 3, epochs: 2"))
     (tmp_path / "script.yaml").write_text((tmp_path / "script.yaml").read_text() + "latency: 0.3\n")
-    cmd = [sys.executable, "-m", "autodiff_cli.cli", "train", str(tmp_path / "spec.yaml"),
+    cmd = [sys.executable, "-m", "autodiff_cli.app.cli", "train", str(tmp_path / "spec.yaml"),
            "--runs-dir", str(tmp_path / "runs")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
     deadline = time.time() + 60

@@ -13,11 +13,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from autodiff_cli.cli import app
+from autodiff_cli.app.cli import app
 from autodiff_cli.llm.fake import reset_fake_state
 
-from .conftest import write
-from .specs import TOY_SCRIPT, TOY_SPEC
+from tests.conftest import write
+from tests.specs import TOY_SCRIPT, TOY_SPEC
 
 KEY_ENV = "AUTODIFF_TEST_DUMMY_KEY"
 SPEC_WITH_KEY = TOY_SPEC.replace("task: {model: fake/script.yaml}",
@@ -93,7 +93,7 @@ def test_a_dummy_api_key_changes_no_byte_of_the_run_directory(tmp_path, monkeypa
 
 
 def cli_cmd(*args) -> list[str]:
-    return [sys.executable, "-m", "autodiff_cli.cli", *map(str, args)]
+    return [sys.executable, "-m", "autodiff_cli.app.cli", *map(str, args)]
 
 
 def runs_list(runs_dir: Path) -> list[dict]:
@@ -141,7 +141,7 @@ def test_a_killed_run_says_killed_with_how_to_resume_and_a_live_one_says_running
 
 def test_an_unexpected_error_ends_the_run_failed_not_running(tmp_path, monkeypatch):
     """A bug (or anything not foreseen) must still write how the run ended."""
-    from autodiff_cli import trainer as trainer_module
+    from autodiff_cli.train import trainer as trainer_module
 
     async def broken_step(self, state, step):
         raise RuntimeError("something nobody foresaw")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from autodiff_cli.data.loaders import check_fields, decode_utf8, load_examples
-from autodiff_cli.files import atomic_write_bytes, jsonl_rows, jsonl_text
+from autodiff_cli.io.files import atomic_write_bytes, jsonl_rows, jsonl_text
 from autodiff_cli.errors import DataError, describe
 
 DATASETS = ("object_counting", "trec", "hotpotqa", "gsm8k")

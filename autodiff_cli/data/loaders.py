@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from autodiff_cli.errors import DataError, describe
-from autodiff_cli.files import jsonl_rows
+from autodiff_cli.io.files import jsonl_rows
 
 SPLITS = ("train", "val", "test")
 SUFFIXES = (".jsonl", ".csv")

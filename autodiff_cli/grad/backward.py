@@ -20,12 +20,12 @@ from dataclasses import asdict, dataclass, field
 from difflib import SequenceMatcher
 from typing import Any
 
-from .. import metaprompts
-from ..compiler import Program, invocations
-from ..errors import ModelCallError
-from ..optim import demos
-from ..trace import Call, Trace
-from .loss import Evaluation, _short
+from autodiff_cli.prompts import metaprompts
+from autodiff_cli.spec.compiler import Program, invocations
+from autodiff_cli.errors import ModelCallError
+from autodiff_cli.optim import demos
+from autodiff_cli.engine.trace import Call, Trace
+from autodiff_cli.grad.loss import Evaluation, _short
 
 log = logging.getLogger("autodiff.backward")
 

@@ -19,7 +19,7 @@ from types import ModuleType
 from typing import Any, Callable, Mapping
 
 from autodiff_cli.errors import ModelNotFound
-from autodiff_cli.files import atomic_write_text
+from autodiff_cli.io.files import atomic_write_text
 from autodiff_cli.llm.cache import cache_root, ensure_private_dir
 from autodiff_cli.llm.providers import request_sent
 

@@ -181,7 +181,7 @@ class Teacher:
 
     async def run(self, examples: list[Any], values: dict[str, str], params: list[DemoParam]) -> dict[str, dict]:
         """{example id: {"tries", "score", "outputs": {param: node output}}}; outputs only on success."""
-        from ..engine import ForwardEngine, score
+        from autodiff_cli.engine.forward import ForwardEngine, score
 
         async def one(example: Any) -> dict:
             best: float | None = None

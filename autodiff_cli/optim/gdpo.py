@@ -23,7 +23,7 @@ from typing import Any
 
 from jinja2 import Environment, TemplateSyntaxError
 
-from .. import metaprompts
+from autodiff_cli.prompts import metaprompts
 
 log = logging.getLogger("autodiff.optimizer")
 

@@ -14,8 +14,8 @@ from typing import Any, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from ..errors import SpecError, describe
-from .models import Spec, is_env_var_name, is_secret_key, looks_secret, secret_in
+from autodiff_cli.errors import SpecError, describe
+from autodiff_cli.spec.models import Spec, is_env_var_name, is_secret_key, looks_secret, secret_in
 
 KeyPath = tuple  # of str | int
 

@@ -3,7 +3,7 @@
     python benchmarks/perf/run.py --only adalflow [--write] [--adalflow-venv DIR]
 
 What is compared. The same two pipelines are trained by both tools for a few steps against ONE fake
-OpenAI-compatible server (autodiff_cli/llm/fake_server.py, subclassed here, in a thread of the runner):
+OpenAI-compatible server (tests/support/fake_server.py, subclassed here, in a thread of the runner):
 
   single  one LLM node `count` with a trainable instruction, a parser (last integer), exact match;
   chain   three LLM nodes `listing` -> `tally` -> `answer`, each with its own trainable instruction,
@@ -49,7 +49,7 @@ mix of categories; the training file, the fake model, the pipelines and every se
 Each step does the same logical work in both tools (forward, backward, two optimizer rounds, two
 subset checks, one validation of the whole set), nothing is ever accepted, and the comparison is of
 identical steps (with the default 2 proposals). autodiff's validation stops as soon as a proposal can
-no longer end strictly above the best score (autodiff_cli/evaluate.py, `stop_unless_above`: the
+no longer end strictly above the best score (autodiff_cli/engine/evaluate.py, `stop_unless_above`: the
 outstanding calls are cancelled); AdalFlow 1.1.3's own early stop is on as its code has it (the
 constrained proposal step passes `minimum_score=last_val_score` to `validation_step`; `pred_step`
 stops scoring once the best possible score falls below it, but it leaves its `with ThreadPoolExecutor`
@@ -96,9 +96,9 @@ from typing import Any
 
 import yaml
 
-from autodiff_cli.files import read_jsonl
+from autodiff_cli.io.files import read_jsonl
 from autodiff_cli.llm import fake
-from autodiff_cli.llm import fake_server as fs
+from tests.support import fake_server as fs
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -627,7 +627,7 @@ def run_autodiff(pipeline: str, srv: BenchServer, s: Settings, work: Path, log=l
     runs.mkdir()
     env = {**os.environ, "AUTODIFF_CACHE": str(work / "cache"), KEY_ENV: "perf-any-key",
            "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
-    cmd = [sys.executable, "-m", "autodiff_cli.cli", "train", str(spec), "--runs-dir", str(runs), "--quiet"]
+    cmd = [sys.executable, "-m", "autodiff_cli.app.cli", "train", str(spec), "--runs-dir", str(runs), "--quiet"]
     log(f"adalflow: [{scenario}] autodiff train {pipeline} ({s.steps} steps)")
     first = len(srv.log())
     # `autodiff train` rewrites checkpoint.json (atomically: a new file each time) once after the initial

@@ -11,7 +11,7 @@
 The five measurements (each a section between `<!-- bench:NAME -->` markers, like benchmarks/run.py):
 
   concurrency  Validation of 200 examples through a 3-node chain (llm -> llm -> function) against the
-               fake OpenAI-compatible server (autodiff_cli/llm/fake_server.py, its own process) at
+               fake OpenAI-compatible server (tests/support/fake_server.py, its own process) at
                500 ms latency, concurrency 16, through litellm's real HTTP path: wall time against the
                lower bound max(critical path, calls x latency / concurrency) (target: within 1.25x);
                client CPU per call (process CPU / calls), and where that CPU goes (cProfile of the
@@ -189,9 +189,9 @@ def write_chain(work: Path, n: int, model_block: str) -> Path:
 
 
 def load_chain(spec: Path):
-    from autodiff_cli.compiler import compile_spec
+    from autodiff_cli.spec.compiler import compile_spec
     from autodiff_cli.data.splits import load_split
-    from autodiff_cli.prompts_io import initial_values
+    from autodiff_cli.io.prompts_io import initial_values
     from autodiff_cli.spec.loader import load_spec
 
     loaded = load_spec(spec)
@@ -255,7 +255,7 @@ class ServerProcess:
 
 @contextlib.contextmanager
 def fake_server(script: Path, latency: float, jitter: float = 0.0, seed: int = 0):
-    cmd = [sys.executable, "-m", "autodiff_cli.llm.fake_server", "--script", str(script), "--latency", str(latency),
+    cmd = [sys.executable, "-m", "tests.support.fake_server", "--script", str(script), "--latency", str(latency),
            "--jitter", str(jitter), "--seed", str(seed), "--port", "0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
@@ -348,7 +348,7 @@ def profile_groups(profile: cProfile.Profile) -> dict[str, float]:
 
 
 def bench_concurrency(sizes: Sizes, work: Path) -> dict:
-    from autodiff_cli.evaluate import evaluate
+    from autodiff_cli.engine.evaluate import evaluate
     from autodiff_cli.llm.providers import load_litellm
 
     load_litellm()
@@ -393,7 +393,7 @@ def bench_concurrency(sizes: Sizes, work: Path) -> dict:
 
 def profile_http_path(sizes: Sizes, work: Path) -> dict:
     """cProfile of the same evaluation at zero latency: where the client's CPU goes."""
-    from autodiff_cli.evaluate import evaluate
+    from autodiff_cli.engine.evaluate import evaluate
 
     pwork = work / "profile"
     with fake_server(work / "script.yaml", 0.0) as srv:
@@ -427,7 +427,7 @@ def profile_http_path(sizes: Sizes, work: Path) -> dict:
 
 
 def bench_overhead(sizes: Sizes, work: Path) -> dict:
-    from autodiff_cli.evaluate import evaluate
+    from autodiff_cli.engine.evaluate import evaluate
     from autodiff_cli.llm.providers import load_litellm
 
     work = work / "overhead"
@@ -549,7 +549,7 @@ def bench_cache(sizes: Sizes, work: Path) -> dict:
     with fake_server(work / "script.yaml", sizes.cache_latency) as srv:
         spec = work / "spec.yaml"
         spec.write_text(train_spec(srv.url, sizes).lstrip(), encoding="utf-8")
-        cmd = [sys.executable, "-m", "autodiff_cli.cli", "train", str(spec), "--runs-dir", str(work / "runs")]
+        cmd = [sys.executable, "-m", "autodiff_cli.app.cli", "train", str(spec), "--runs-dir", str(work / "runs")]
         for label in ("cold", "warm"):
             before = srv.stats()["requests"]
             log(f"cache: {label} run: {shlex.join(['autodiff', *cmd[3:]])}")
@@ -594,7 +594,7 @@ def bench_memory(sizes: Sizes, work: Path) -> dict:
 
 def memory_child(work: Path) -> None:
     """Runs in a fresh process: evaluate the spec in `work` with the stub; print peak RSS as JSON."""
-    from autodiff_cli.evaluate import evaluate
+    from autodiff_cli.engine.evaluate import evaluate
 
     def rss_mb() -> float:
         # VmHWM is the peak RSS of this process image; ru_maxrss would also count the parent's pages
@@ -804,7 +804,7 @@ def render_adalflow(r: dict, command: str, meta: dict, quick: bool) -> str:
     facts = {sc: _af_scenario_facts(side, s, sc) for sc in scenarios}
     lines += [
         "Both tools trained the same two pipelines against one fake OpenAI-compatible server "
-        "(`autodiff_cli/llm/fake_server.py`, subclassed in `benchmarks/perf/adalflow_side.py` to answer the "
+        "(`tests/support/fake_server.py`, subclassed in `benchmarks/perf/adalflow_side.py` to answer the "
         "Responses API that AdalFlow 1.1.3's stock `OpenAIClient` speaks, and with this benchmark's fake model), "
         f"at {s['latency'] * 1000:g} ms per request, no jitter: **single** = one LLM node with a trainable "
         "instruction, a last-integer parser, exact match; **chain** = three LLM nodes (`listing` → `tally` → "
@@ -1084,7 +1084,7 @@ def _af_early_stop_lines(runs: dict, facts: dict) -> list[str]:
             "example is one call, so examples finish in file order. In the chain an example is three calls in a "
             "row, and the two tools order them differently (last column): AdalFlow's 4 worker threads each take "
             "one example through `listing` → `tally` → `answer`, so examples finish one after another; autodiff's "
-            "evaluation (`autodiff_cli/evaluate.py`) starts every example at once and the task model's 4 slots "
+            "evaluation (`autodiff_cli/engine/evaluate.py`) starts every example at once and the task model's 4 slots "
             "serve calls in the order they ask, so every example's `listing` call is sent before the first "
             "`answer` call (breadth-first). No example is scored until the last third of its calls, so in "
             "`worse` the bound is crossed only during the `answer` calls, and the early stop saves the "

@@ -39,7 +39,7 @@ if __name__ == "__main__":
         sys.argv = sys.argv[2:]
         exec(compile(code, "<pausing_cli -c>", "exec"), {"__name__": "__main__"})
     else:
-        from autodiff_cli.cli import main
+        from autodiff_cli.app.cli import main
 
         sys.argv[0] = "autodiff"
         main()

@@ -24,15 +24,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from .compiler import Program
-from .data.loaders import Example
-from .engine import score as score_trace
-from .errors import BudgetExhausted, ErrorRateExceeded, ModelCallError
-from .evaluate import EvalReport, evaluate
-from .grad.backward import BackwardEngine, Gradient, canonical
-from .grad.loss import Evaluation, backward_calls_per_example, evaluate_loss, llm_evaluation
-from .optim import demos, gdpo
-from .trace import Trace
+from autodiff_cli.spec.compiler import Program
+from autodiff_cli.data.loaders import Example
+from autodiff_cli.engine.forward import score as score_trace
+from autodiff_cli.errors import BudgetExhausted, ErrorRateExceeded, ModelCallError
+from autodiff_cli.engine.evaluate import EvalReport, evaluate
+from autodiff_cli.grad.backward import BackwardEngine, Gradient, canonical
+from autodiff_cli.grad.loss import Evaluation, backward_calls_per_example, evaluate_loss, llm_evaluation
+from autodiff_cli.optim import demos, gdpo
+from autodiff_cli.engine.trace import Trace
 
 log = logging.getLogger("autodiff.train")
 OPTIMIZER_CALL_FAILED = "optimizer call failed"  # a proposal's reason when its call failed after retries

@@ -13,10 +13,16 @@ from pathlib import Path
 
 import typer
 
-from .console import LiveStatus, log, setup_logging
-from .stopping import GracefulStop
-from .errors import (EXIT_BUDGET, EXIT_INTERRUPTED, EXIT_MODEL_ERRORS, BudgetExhausted, ErrorRateExceeded,
-                     UsageError)
+from autodiff_cli.app.console import LiveStatus, log, setup_logging
+from autodiff_cli.train.stopping import GracefulStop
+from autodiff_cli.errors import (
+    EXIT_BUDGET,
+    EXIT_INTERRUPTED,
+    EXIT_MODEL_ERRORS,
+    BudgetExhausted,
+    ErrorRateExceeded,
+    UsageError,
+)
 
 SCHEMA_VERSION = 1
 
@@ -34,7 +40,7 @@ def role_models(spec, trainer) -> dict[str, str | None]:
 
 
 def _first_task(trainer) -> str:
-    from .trainer import _task_model
+    from autodiff_cli.train.trainer import _task_model
 
     return _task_model(trainer.program)
 
@@ -52,12 +58,12 @@ def summary_of(rd, spec, trainer, state, status: str, reason: str | None, tests:
 
 def train_command(config: Path, *, runs_dir: Path, resume: Path | None, dry_run: bool, concurrency: int | None,
                   json_out: bool, no_cache: bool, overrides: list[str]) -> None:
-    from .commands import check_models, load_pipeline, make_client
-    from .data.splits import load_split, split_names
-    from .llm.usage import Usage
-    from .prompts_io import initial_values
-    from .rundir import RunDir
-    from .trainer import BudgetGate, Trainer, TrainState
+    from autodiff_cli.app.commands import check_models, load_pipeline, make_client
+    from autodiff_cli.data.splits import load_split, split_names
+    from autodiff_cli.llm.usage import Usage
+    from autodiff_cli.io.prompts_io import initial_values
+    from autodiff_cli.io.rundir import RunDir
+    from autodiff_cli.train.trainer import BudgetGate, Trainer, TrainState
 
     setup_logging()
     p = load_pipeline(config, overrides)
@@ -72,7 +78,7 @@ def train_command(config: Path, *, runs_dir: Path, resume: Path | None, dry_run:
     check_models(p, client, sorted({*(n.model for n in p.program.all_nodes() if n.kind == "llm"),
                                     trainer.backward_model, trainer.optimizer_model, *filter(None, [spec.train.teacher])}))
     if dry_run:
-        from .projection import print_projection
+        from autodiff_cli.train.projection import print_projection
 
         print_projection(p.program, splits, trainer, json_out)
         return
@@ -182,7 +188,7 @@ def train_command(config: Path, *, runs_dir: Path, resume: Path | None, dry_run:
 
 
 def _one_line(error: Exception) -> str:
-    from .errors import AutodiffError
+    from autodiff_cli.errors import AutodiffError
 
     text = error.headline() if isinstance(error, AutodiffError) else f"{type(error).__name__}: {error}"
     return " ".join(text.split())
@@ -199,8 +205,8 @@ def _spent_wall(summary: dict, state) -> float:
 
 def _write_report(rd) -> None:
     """report.md + score.png; a report that cannot be written never fails the run."""
-    from .errors import AutodiffError, describe_exception
-    from .report import write_report
+    from autodiff_cli.errors import AutodiffError, describe_exception
+    from autodiff_cli.app.report import write_report
 
     try:
         write_report(rd.path)

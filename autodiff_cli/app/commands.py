@@ -11,8 +11,8 @@ from pathlib import Path
 
 import typer
 
-from .console import log, progress, setup_logging
-from .errors import EXIT_BELOW_THRESHOLD, EXIT_MODEL_ERRORS, DataError, UsageError
+from autodiff_cli.app.console import log, progress, setup_logging
+from autodiff_cli.errors import EXIT_BELOW_THRESHOLD, EXIT_MODEL_ERRORS, DataError, UsageError
 
 
 @dataclass
@@ -28,17 +28,17 @@ class Pipeline:
 
 
 def load_pipeline(config: Path, overrides: list[str]) -> Pipeline:
-    from .compiler import compile_spec
-    from .spec.loader import load_spec
+    from autodiff_cli.spec.compiler import compile_spec
+    from autodiff_cli.spec.loader import load_spec
 
     loaded = load_spec(config, overrides)
     return Pipeline(loaded, compile_spec(loaded))
 
 
 def make_client(pipeline: Pipeline, *, concurrency: int | None, no_cache: bool):
-    from .llm.cache import open_cache
-    from .llm.client import ModelClient
-    from .llm.usage import Usage
+    from autodiff_cli.llm.cache import open_cache
+    from autodiff_cli.llm.client import ModelClient
+    from autodiff_cli.llm.usage import Usage
 
     return ModelClient(pipeline.spec.models, config_dir=pipeline.loaded.config_dir, usage=Usage(),
                        cache=None if no_cache else open_cache(), concurrency=concurrency)
@@ -47,7 +47,7 @@ def make_client(pipeline: Pipeline, *, concurrency: int | None, no_cache: bool):
 def check_models(pipeline: Pipeline, client, models) -> None:
     """`client.check` each model; an error without a place (missing script or GGUF, unset key variable)
     is located at its key in the spec (or its --set argument)."""
-    from .errors import AutodiffError
+    from autodiff_cli.errors import AutodiffError
 
     for model in models:
         try:
@@ -66,7 +66,7 @@ def task_models(pipeline: Pipeline) -> list[str]:
 
 
 def validate_command(config: Path, overrides: list[str]) -> None:
-    from .data.splits import load_split, split_names
+    from autodiff_cli.data.splits import load_split, split_names
 
     p = load_pipeline(config, overrides)
     sizes = []
@@ -81,7 +81,7 @@ def validate_command(config: Path, overrides: list[str]) -> None:
 
 
 def graph_command(config: Path, fmt: str, png: Path | None, overrides: list[str]) -> None:
-    from .render_graph import to_dot, to_mermaid
+    from autodiff_cli.app.render_graph import to_dot, to_mermaid
 
     if fmt not in ("mermaid", "dot"):
         raise UsageError(key="--format", expected="mermaid or dot", got=repr(fmt))
@@ -100,9 +100,9 @@ def graph_command(config: Path, fmt: str, png: Path | None, overrides: list[str]
 def eval_command(config: Path, *, prompts: Path | None, run: Path | None, split: str, limit: int | None,
                  concurrency: int | None, fail_under: float | None, json_out: bool, out: Path | None,
                  no_cache: bool, overrides: list[str]) -> None:
-    from .data.splits import SPLITS, load_split
-    from .evaluate import evaluate
-    from .prompts_io import values_for
+    from autodiff_cli.data.splits import SPLITS, load_split
+    from autodiff_cli.engine.evaluate import evaluate
+    from autodiff_cli.io.prompts_io import values_for
 
     if split not in SPLITS:
         raise UsageError(key="--split", expected="train, val or test", got=repr(split))
@@ -138,7 +138,7 @@ def eval_command(config: Path, *, prompts: Path | None, run: Path | None, split:
 
 
 def _write_rows(path: Path, rows: list[dict]) -> None:
-    from .files import atomic_write_text, jsonl_text
+    from autodiff_cli.io.files import atomic_write_text, jsonl_text
 
     atomic_write_text(path, jsonl_text(rows, default=str))
 
@@ -165,8 +165,8 @@ def _print_eval_table(result: dict, report) -> None:
 
 
 def export_command(run_dir: Path, fmt: str, output: Path | None) -> None:
-    from .export import check_format, export_prompts
-    from .files import atomic_write_bytes
+    from autodiff_cli.app.export import check_format, export_prompts
+    from autodiff_cli.io.files import atomic_write_bytes
 
     check_format(fmt)
     text = export_prompts(run_dir, fmt)
@@ -181,8 +181,8 @@ def export_command(run_dir: Path, fmt: str, output: Path | None) -> None:
 
 
 def fetch_command(name: str, from_dir: Path | None, dest: Path | None) -> None:
-    from .compiler import data_root
-    from .data.fetch import DATASETS, fetch
+    from autodiff_cli.spec.compiler import data_root
+    from autodiff_cli.data.fetch import DATASETS, fetch
 
     if name not in DATASETS:
         raise DataError(key="NAME", expected="one of " + ", ".join(DATASETS), got=repr(name))
@@ -192,7 +192,7 @@ def fetch_command(name: str, from_dir: Path | None, dest: Path | None) -> None:
 
 
 def cache_stats_command() -> None:
-    from .llm.cache import open_cache
+    from autodiff_cli.llm.cache import open_cache
 
     stats = open_cache().stats()
     where = f"redis: {stats['url']} (keys {stats['prefix']}*)" if "url" in stats else f"directory: {stats['directory']}"
@@ -200,7 +200,7 @@ def cache_stats_command() -> None:
 
 
 def cache_clear_command() -> None:
-    from .llm.cache import open_cache
+    from autodiff_cli.llm.cache import open_cache
 
     print(f"removed {open_cache().clear()} cached replies")
 

@@ -10,11 +10,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .compiler import Program
-from .data.loaders import Example
-from .engine import ForwardEngine, metric_inputs, score
-from .llm.priority import call_priority
-from .trace import Trace
+from autodiff_cli.spec.compiler import Program
+from autodiff_cli.data.loaders import Example
+from autodiff_cli.engine.forward import ForwardEngine, metric_inputs, score
+from autodiff_cli.llm.priority import call_priority
+from autodiff_cli.engine.trace import Trace
 
 
 @dataclass

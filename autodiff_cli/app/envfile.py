@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import MutableMapping
 
-from .errors import UsageError
+from autodiff_cli.errors import UsageError
 
 LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$")
 

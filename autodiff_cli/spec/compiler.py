@@ -21,10 +21,10 @@ from typing import Any, Callable
 
 import networkx as nx
 
-from .errors import NotImplementedYet, SpecError
-from .spec.loader import KeyPath, LoadedSpec
-from .spec.models import FunctionNode, LLMNode, LoopNode, ParamSpec, unbuilt_keys
-from .templates import Template, TemplateError, compile_template
+from autodiff_cli.errors import NotImplementedYet, SpecError
+from autodiff_cli.spec.loader import KeyPath, LoadedSpec
+from autodiff_cli.spec.models import FunctionNode, LLMNode, LoopNode, ParamSpec, unbuilt_keys
+from autodiff_cli.spec.templates import Template, TemplateError, compile_template
 
 RESERVED = frozenset({"input", "state", "iteration", "loss", "output", "metric"})
 
@@ -118,7 +118,7 @@ class CompiledNode:
     constants: dict[str, Any] = field(default_factory=dict)
     # loop
     body: "Scope | None" = None
-    until: Any = None  # autodiff_cli.expr.Expr
+    until: Any = None  # autodiff_cli.spec.expr.Expr
     update: dict[str, Ref] = field(default_factory=dict)
     initial_state: dict[str, Any] = field(default_factory=dict)
     max_iters: int = 1
@@ -431,7 +431,7 @@ class Compiler:
         return node
 
     def _function(self, name: str, spec: FunctionNode, key: KeyPath, visible: set[str], loop: CompiledNode | None) -> CompiledNode:
-        from .nodes.builtins import resolve_function
+        from autodiff_cli.nodes.builtins import resolve_function
 
         node = CompiledNode(name, "function", spec, key, fn_ref=spec.fn)
         try:
@@ -473,7 +473,7 @@ class Compiler:
                            got=f"{', '.join(sorted(given)) or 'none'} ({e})") from None
 
     def _loop(self, name: str, spec: LoopNode, key: KeyPath, visible: set[str]) -> CompiledNode:
-        from .expr import ExprError, compile_expr
+        from autodiff_cli.spec.expr import ExprError, compile_expr
 
         node = CompiledNode(name, "loop", spec, key, max_iters=spec.max_iters, initial_state=dict(spec.state))
         outer = visible - {name}
@@ -507,7 +507,7 @@ class Compiler:
         return node
 
     def _metric(self, spec, key: KeyPath, visible: set[str]) -> Metric:
-        from .metrics import resolve_metric
+        from autodiff_cli.nodes.metrics import resolve_metric
 
         try:
             fn = resolve_metric(spec.fn)

@@ -10,8 +10,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UsageError
-from .files import atomic_write_bytes
+from autodiff_cli.errors import UsageError
+from autodiff_cli.io.files import atomic_write_bytes
 
 CONFIG_NAME = "autodiff.yaml"
 

@@ -6,7 +6,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-from .templates import Template, compile_template
+from autodiff_cli.spec.templates import Template, compile_template
 
 
 @lru_cache(maxsize=None)

@@ -15,8 +15,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import DataError, UsageError
-from .rundir import KILLED, RunDir
+from autodiff_cli.errors import DataError, UsageError
+from autodiff_cli.io.rundir import KILLED, RunDir
 
 ROLES = ("task", "backward", "optimizer", "teacher")
 _STAMP = re.compile(r"-(\d{8})-(\d{6})(?:-\d+)?$")

@@ -17,7 +17,7 @@ import secrets
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .errors import DataError, describe
+from autodiff_cli.errors import DataError, describe
 
 TMP_SUFFIX = ".tmp"
 

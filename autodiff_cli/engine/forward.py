@@ -17,9 +17,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .compiler import CompiledNode, Metric, Program, Ref, Scope
-from .errors import AutodiffError, ModelCallError, describe, describe_exception
-from .trace import Call, InputValue, Trace
+from autodiff_cli.spec.compiler import CompiledNode, Metric, Program, Ref, Scope
+from autodiff_cli.errors import AutodiffError, ModelCallError, describe, describe_exception
+from autodiff_cli.engine.trace import Call, InputValue, Trace
 
 
 log = logging.getLogger("autodiff.engine")
@@ -203,7 +203,7 @@ class ForwardEngine:
     # ---------------------------------------------------------------- loop
 
     async def _run_loop(self, node: CompiledNode, env: dict[str, Slot], run: _Run) -> tuple[Slot, list[Call]]:
-        from .expr import ExprError
+        from autodiff_cli.spec.expr import ExprError
 
         state = {k: Slot(copy.deepcopy(v), []) for k, v in node.initial_state.items()}
         for iteration in range(node.max_iters):

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import AutodiffError, UsageError
-from .rundir import RunDir, dump_yaml
+from autodiff_cli.errors import AutodiffError, UsageError
+from autodiff_cli.io.rundir import RunDir, dump_yaml
 
 FORMATS = ("yaml", "json", "md", "config")
 
@@ -100,7 +100,7 @@ class Placeholder:
 def render_with_placeholders(template: Any, values: dict[str, str]) -> str:
     """`template` (templates.Template) rendered with the param `values`; every other name a Placeholder.
     A template that cannot render that way (e.g. arithmetic on a node's output) is shown as written."""
-    from .templates import TemplateError
+    from autodiff_cli.spec.templates import TemplateError
 
     env_globals = getattr(getattr(template._compiled, "environment", None), "globals", {})
     context: dict[str, Any] = {}
@@ -157,7 +157,7 @@ def open_run(run_dir: Path) -> RunView:
     initial = {str(name): _initial_value(entry) for name, entry in _param_entries(resolved).items()}
     best = run.read_prompts()
     if not best and initial:
-        from .console import log
+        from autodiff_cli.app.console import log
 
         log(f"{run.path}: no prompts.yaml yet; exporting the spec's initial values")
     values = {name: best.get(name, value) for name, value in initial.items()}
@@ -170,20 +170,20 @@ def open_run(run_dir: Path) -> RunView:
 
 def _loaded_spec(view: RunView):
     """The run's resolved spec, located at the original config (so relative paths resolve as in the run)."""
-    from .spec.loader import LoadedSpec, validate_spec
+    from autodiff_cli.spec.loader import LoadedSpec, validate_spec
 
     try:
         spec = validate_spec(view.resolved, view.config_path, {}, {})
         return LoadedSpec(spec=spec, path=view.config_path, raw=view.resolved)
     except AutodiffError:
-        from .spec.loader import load_spec
+        from autodiff_cli.spec.loader import load_spec
 
         return load_spec(view.run.path / "config.yaml")  # an older resolved.yaml: the spec as given
 
 
 def prompt_nodes(view: RunView) -> list[PromptNode]:
     """The LLM nodes with their templates: in execution order when the spec compiles here, else as declared."""
-    from .compiler import compile_spec
+    from autodiff_cli.spec.compiler import compile_spec
 
     loaded = _loaded_spec(view)
     try:
@@ -207,8 +207,8 @@ def _loop_of(program: Any, name: str) -> str | None:
 
 
 def _declared_nodes(spec: Any) -> list[PromptNode]:
-    from .spec.models import LLMNode, LoopNode
-    from .templates import TemplateError, compile_template
+    from autodiff_cli.spec.models import LLMNode, LoopNode
+    from autodiff_cli.spec.templates import TemplateError, compile_template
 
     def template(source: str | None):
         if source is None:
@@ -272,7 +272,7 @@ def _score(value: Any) -> str:
 def _config(view: RunView) -> str:
     import copy
 
-    from .spec.loader import validate_spec
+    from autodiff_cli.spec.loader import validate_spec
 
     baked = copy.deepcopy(view.resolved)
     params = baked.get("params")

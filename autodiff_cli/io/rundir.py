@@ -28,8 +28,8 @@ from typing import Any
 
 import yaml
 
-from .errors import DataError, UsageError
-from .files import TMP_SUFFIX, atomic_write_bytes, jsonl_line, jsonl_rows, jsonl_text
+from autodiff_cli.errors import DataError, UsageError
+from autodiff_cli.io.files import TMP_SUFFIX, atomic_write_bytes, jsonl_line, jsonl_rows, jsonl_text
 _TRACE_FILE = re.compile(r"^step-(\d+)\.jsonl$")
 
 CONFIG = "config.yaml"

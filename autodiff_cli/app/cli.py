@@ -12,8 +12,8 @@ from typing import List, Optional
 
 import typer
 
-from .console import set_quiet
-from .errors import EXIT_INTERRUPTED, AutodiffError, UsageError
+from autodiff_cli.app.console import set_quiet
+from autodiff_cli.errors import EXIT_INTERRUPTED, AutodiffError, UsageError
 
 app = typer.Typer(
     name="autodiff",
@@ -40,7 +40,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for
                                                   help="Read API keys (NAME=value lines) from this file; the environment wins.")) -> None:
     _state["debug"] = debug
     if env_file is not None:
-        from .envfile import load_env_file
+        from autodiff_cli.app.envfile import load_env_file
 
         run_guarded(load_env_file, env_file)
 
@@ -85,7 +85,7 @@ def validate(config: Path = typer.Argument(..., help="The pipeline spec (YAML)."
 
     Example: autodiff validate configs/quickstart.yaml
     """
-    from .commands import validate_command
+    from autodiff_cli.app.commands import validate_command
 
     run_guarded(validate_command, config, set_ or [])
 
@@ -99,7 +99,7 @@ def graph(config: Path = typer.Argument(..., help="The pipeline spec (YAML)."),
 
     Example: autodiff graph configs/object_count.yaml --format dot
     """
-    from .commands import graph_command
+    from autodiff_cli.app.commands import graph_command
 
     run_guarded(graph_command, config, format, png, set_ or [])
 
@@ -126,7 +126,7 @@ def eval_(config: Path = typer.Argument(..., help="The pipeline spec (YAML)."),
       autodiff eval configs/quickstart.yaml
       autodiff eval configs/object_count.yaml --split test --run runs/object_count-20261124-101500 --fail-under 0.6
     """
-    from .commands import eval_command
+    from autodiff_cli.app.commands import eval_command
 
     set_quiet(quiet)
     run_guarded(eval_command, config, prompts=prompts, run=run, split=split, limit=limit, concurrency=concurrency,
@@ -146,7 +146,7 @@ def export_prompts(run_dir: Path = typer.Argument(..., help="A run directory mad
       autodiff export-prompts runs/object_count-20261124-101500 --format md
       autodiff export-prompts runs/object_count-20261124-101500 --format config -o configs/object_count.best.yaml
     """
-    from .commands import export_command
+    from autodiff_cli.app.commands import export_command
 
     run_guarded(export_command, run_dir, format, output)
 
@@ -173,7 +173,7 @@ def train(config: Path = typer.Argument(..., help="The pipeline spec (YAML)."),
       autodiff train configs/object_count.yaml --set models.task.model=local/qwen2.5-coder-1.5b --dry-run
       autodiff train configs/object_count.yaml --resume runs/object_count-20261124-101500
     """
-    from .train_run import train_command
+    from autodiff_cli.train.run import train_command
 
     set_quiet(quiet)
     run_guarded(train_command, config, runs_dir=runs_dir, resume=resume, dry_run=dry_run, concurrency=concurrency,
@@ -191,7 +191,7 @@ def data_fetch(name: str = typer.Argument(..., help="object_counting, trec, hotp
 
     Example: autodiff data fetch object_counting --from ../shared/datasets
     """
-    from .commands import fetch_command
+    from autodiff_cli.app.commands import fetch_command
 
     run_guarded(fetch_command, name, from_dir, dest)
 
@@ -202,7 +202,7 @@ def cache_stats() -> None:
 
     Example: AUTODIFF_CACHE=/tmp/ad-cache autodiff cache stats
     """
-    from .commands import cache_stats_command
+    from autodiff_cli.app.commands import cache_stats_command
 
     run_guarded(cache_stats_command)
 
@@ -213,7 +213,7 @@ def cache_clear() -> None:
 
     Example: autodiff cache clear
     """
-    from .commands import cache_clear_command
+    from autodiff_cli.app.commands import cache_clear_command
 
     run_guarded(cache_clear_command)
 
@@ -226,7 +226,7 @@ def schema() -> None:
     """
     import json
 
-    from .spec.models import Spec
+    from autodiff_cli.spec.models import Spec
 
     print(json.dumps(Spec.model_json_schema(by_alias=True), indent=2))
 
@@ -246,7 +246,7 @@ def runs_list(runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Th
       autodiff runs list
       autodiff runs list --runs-dir experiments/runs --json
     """
-    from .browse import runs_list_command
+    from autodiff_cli.app.browse import runs_list_command
 
     run_guarded(runs_list_command, runs_dir, json_out)
 
@@ -258,7 +258,7 @@ def runs_show(run_dir: Path = typer.Argument(..., help="A run directory (or a ru
 
     Example: autodiff runs show runs/object_count-20261124-101500
     """
-    from .browse import show_run
+    from autodiff_cli.app.browse import show_run
 
     run_guarded(show_run, run_dir, json_out)
 
@@ -275,7 +275,7 @@ def diff(run_dir: Path = typer.Argument(..., help="A run directory (or a run's n
       autodiff diff runs/object_count-20261124-101500
       autodiff diff runs/object_count-20261124-101500 --lines
     """
-    from .browse import diff_command
+    from autodiff_cli.app.browse import diff_command
 
     run_guarded(diff_command, run_dir, lines, context)
 
@@ -288,7 +288,7 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory (or a run's
 
     Example: autodiff report runs/object_count-20261124-101500
     """
-    from .report import report_command
+    from autodiff_cli.app.report import report_command
 
     run_guarded(report_command, run_dir)
 
@@ -306,7 +306,7 @@ def init(directory: Path = typer.Argument(Path("."), help="Where to write autodi
       autodiff init my-pipeline --template rag
       autodiff init . --template agent --force
     """
-    from .scaffold import init_command
+    from autodiff_cli.app.scaffold import init_command
 
     run_guarded(init_command, directory, template, force)
 

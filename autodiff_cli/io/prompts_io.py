@@ -4,9 +4,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import SpecError, describe
-from .spec.loader import check_json_depth, load_yaml_text
-from .spec.models import Spec
+from autodiff_cli.errors import SpecError, describe
+from autodiff_cli.spec.loader import check_json_depth, load_yaml_text
+from autodiff_cli.spec.models import Spec
 
 
 def initial_values(spec: Spec) -> dict[str, str]:

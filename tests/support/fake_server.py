@@ -19,7 +19,7 @@ or, for code that runs its own event loop (e.g. `autodiff train` in process):
 
 As a command (prints the URL on its first stdout line, serves until SIGINT/SIGTERM):
 
-    python -m autodiff_cli.llm.fake_server --script S --latency 0.5 [--jitter 0.05] [--seed 0] \
+    python -m tests.support.fake_server --script S --latency 0.5 [--jitter 0.05] [--seed 0] \
         [--port 0] [--fault '{"kind": "500", "rate": 0.05}']...
 
 Latency: every chat request waits `latency` (the script's own `latency` when not given) plus a
@@ -550,7 +550,7 @@ def _reset(writer: asyncio.StreamWriter) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m autodiff_cli.llm.fake_server",
+    ap = argparse.ArgumentParser(prog="python -m tests.support.fake_server",
                                  description="An OpenAI-compatible fake model server on 127.0.0.1 (see the module docstring).")
     ap.add_argument("--script", required=True, type=Path, help="a fake-model script (autodiff_cli/llm/fake.py format)")
     ap.add_argument("--latency", type=float, default=None, help="seconds per request (default: the script's `latency`)")

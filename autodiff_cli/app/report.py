@@ -9,10 +9,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from .browse import (ROLES, ParamChange, fmt_cost, fmt_seconds, is_number, param_changes, render_plain,
-                     resolve_run_dir, run_date, total_cost)
-from .plot import curve_from_metrics, score_curve_png
-from .rundir import RunDir
+from autodiff_cli.app.browse import (
+    ROLES,
+    ParamChange,
+    fmt_cost,
+    fmt_seconds,
+    is_number,
+    param_changes,
+    render_plain,
+    resolve_run_dir,
+    run_date,
+    total_cost,
+)
+from autodiff_cli.app.plot import curve_from_metrics, score_curve_png
+from autodiff_cli.io.rundir import RunDir
 
 REPORT = "report.md"
 PLOT = "score.png"
@@ -64,8 +74,8 @@ def _dict(value: Any) -> dict:
 def _data_sizes(run: RunDir, summary: dict) -> dict[str, int] | None:
     """Examples per split, when the run's data can still be loaded from here."""
     try:
-        from .data.splits import load_split, split_names
-        from .export import _loaded_spec, open_run
+        from autodiff_cli.data.splits import load_split, split_names
+        from autodiff_cli.app.export import _loaded_spec, open_run
 
         loaded = _loaded_spec(open_run(run.path))
         return {s: len(load_split(loaded, s)) for s in split_names(loaded)}
@@ -282,7 +292,7 @@ def write_report(run_dir: str | Path) -> Path:
 
 
 def report_command(run_dir: Path) -> None:
-    from .console import log
+    from autodiff_cli.app.console import log
 
     path = write_report(resolve_run_dir(run_dir))
     log(f"wrote {path.parent / PLOT}")

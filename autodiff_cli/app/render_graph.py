@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from .compiler import Program
+from autodiff_cli.spec.compiler import Program
 
 SHAPES = {  # kind -> (mermaid open, mermaid close, dot shape)
     "input": ("([", "])", "oval"),

@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 import sys
 
-from .compiler import CompiledNode, Program, Scope, invocations
-from .data.loaders import Example
-from .grad.loss import backward_calls_per_example
+from autodiff_cli.spec.compiler import CompiledNode, Program, Scope, invocations
+from autodiff_cli.data.loaders import Example
+from autodiff_cli.grad.loss import backward_calls_per_example
 
 CHARS_PER_TOKEN = 4
 DEFAULT_REPLY_TOKENS = 256

@@ -1,0 +1,4 @@
+"""`python -m autodiff_cli ...` is the `autodiff` command."""
+from autodiff_cli.app.cli import main
+
+main()
