@@ -26,7 +26,7 @@ Usage:
     python benchmarks/crash_trials.py [--trials 20] [--jobs 2] [--seed 0] [--work DIR] [--write-results]
 
 It prints one line per trial and the counts tried / survived / lost, and with --write-results
-replaces the `<!-- bench:crash -->` section of benchmarks/RESULTS.md. tests/test_crash_trials.py
+replaces the `<!-- bench:crash -->` section of benchmarks/RESULTS.md. tests/e2e/test_crash_trials.py
 runs the same trials (CRASH_TRIALS, default 6).
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
@@ -509,7 +509,7 @@ def machine() -> str:
 
 def section(command: str, ref: Reference, trials: list[Trial]) -> str:
     c = counts(trials)
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"<!-- bench:{SECTION} -->", "## Crash trials (issue 8)", "",
              "Command:", "", "```", command, "```", "",
              f"Machine: {machine()}  ", f"Date: {date}", "",

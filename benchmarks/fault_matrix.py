@@ -56,7 +56,7 @@ exact.
 Usage:
     python benchmarks/fault_matrix.py [--kind K ...] [--work DIR] [--keep] [--write-results]
 
-tests/test_faults.py runs the same cases.
+tests/e2e/test_faults.py runs the same cases.
 """
 from __future__ import annotations
 
@@ -72,10 +72,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Iterator
 
 import yaml
 
@@ -87,7 +87,7 @@ KEY_ENV = "FAULT_MATRIX_KEY"
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-from tests.specs import COUNT_PIPELINE, TOY_SCRIPT  # noqa: E402  (the toy training setup the tests share)
+from tests.specs import COUNT_PIPELINE, TOY_SCRIPT
 
 KINDS = ("429", "500", "503", "reset", "timeout", "empty", "truncated", "malformed", "context_length")
 # timeout: a cold start used to run out the first attempts' 0.5 s before they were sent; reset: a
@@ -630,7 +630,7 @@ def _bench_runner():
 def section(command: str, outcomes: list[Outcome], seconds: float, load: dict | None = None,
             profile: dict | None = None) -> str:
     c = counts(outcomes)
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"<!-- bench:{SECTION} -->", "## Fault matrix and load (issue 8)", "",
              "Command:", "", "```", command, "```", "",
              f"Machine: {_bench_runner().machine()}  ", f"Date: {date}", "",
@@ -816,7 +816,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=None, help="folder for the cases (default: a temporary one)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     ap.add_argument("--load", type=int, default=0, metavar="N",
-                    help="also run the load test with N examples (tests/test_load.py; 10000 for the issue's figure)")
+                    help="also run the load test with N examples (tests/e2e/test_load.py; 10000 for the issue's figure)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also profile a load run of N examples: where the client's time goes")
     ap.add_argument("--write-results", action="store_true", help=f"write the `{SECTION}` section of {RESULTS}")

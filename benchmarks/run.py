@@ -43,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
@@ -64,7 +64,7 @@ class Interrupted(Exception):
 
 
 def log(message: str) -> None:
-    stamp = datetime.now(timezone.utc).strftime("%H:%M:%S")
+    stamp = datetime.now(UTC).strftime("%H:%M:%S")
     print(f"[{stamp}] bench: {message}", file=sys.stderr, flush=True)
 
 
@@ -443,7 +443,9 @@ def ensure_scored(runner: Runner, state: State, config: Path, sets: list[str], e
 def read_rows(path: Path | None) -> dict[str, dict]:
     if path is None or not path.exists():
         return {}
-    from autodiff_cli.io.files import read_jsonl  # "\n" only: eval --out rows may hold U+2028
+    from autodiff_cli.io.files import (
+        read_jsonl,  # "\n" only: eval --out rows may hold U+2028
+    )
 
     return {str(row["id"]): row for row in read_jsonl(path) or []}
 
@@ -553,7 +555,7 @@ def row_facts(state: State, entry: dict, bootstrap: int, variant: str | None = N
 
 def render_section(name: str, command: str, facts: list[dict], notes_extra: list[str], bootstrap: int = 10000) -> str:
     """The section; a `variant` column (and variant-wise seed summary) when a fact has a variant."""
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     variants = any(f.get("variant") is not None for f in facts)
     vcol, vsep = ("variant | ", "---|") if variants else ("", "")
     models: dict[str, list[str]] = {}
@@ -656,7 +658,7 @@ def render_section(name: str, command: str, facts: list[dict], notes_extra: list
 def write_section(results: Path, name: str, section: str) -> None:
     text = results.read_text(encoding="utf-8") if results.exists() else ""
     pattern = re.compile(re.escape(f"<!-- bench:{name} -->") + r".*?" + re.escape(f"<!-- /bench:{name} -->") + r"\n?",
-                         re.S)
+                         re.DOTALL)
     if pattern.search(text):
         text = pattern.sub(lambda m: section, text, count=1)
     else:

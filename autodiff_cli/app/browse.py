@@ -10,15 +10,16 @@ import difflib
 import json
 import re
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from autodiff_cli.errors import DataError, UsageError
+from autodiff_cli.io.records import ProposalRecord, StepRecord
 from autodiff_cli.io.rundir import KILLED, RunDir
 
-ROLES = ("task", "backward", "optimizer", "teacher")
 _STAMP = re.compile(r"-(\d{8})-(\d{6})(?:-\d+)?$")
 
 
@@ -112,11 +113,11 @@ def run_date(path: Path) -> datetime | None:
     match = _STAMP.search(Path(path).name)
     if match:
         try:
-            return datetime.strptime(match.group(1) + match.group(2), "%Y%m%d%H%M%S").replace(tzinfo=timezone.utc)
+            return datetime.strptime(match.group(1) + match.group(2), "%Y%m%d%H%M%S").replace(tzinfo=UTC)
         except ValueError:
             pass
     try:
-        return datetime.fromtimestamp((Path(path) / "config.yaml").stat().st_mtime, tz=timezone.utc)
+        return datetime.fromtimestamp((Path(path) / "config.yaml").stat().st_mtime, tz=UTC)
     except OSError:
         return None
 
@@ -206,9 +207,8 @@ def runs_list_command(runs_dir: Path, json_out: bool) -> None:
         table.append([r["run"], date, r["status"], r["mode"] or "-", fmt_score(r["best_val"]), fmt_score(r["best_test"]),
                       "-" if r["steps"] is None else str(r["steps"]), fmt_cost(r["cost_usd"])])
     if stdout_is_tty():
-        from rich.table import Table
-
         from rich import box
+        from rich.table import Table
         from rich.text import Text
 
         t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=0,
@@ -253,41 +253,33 @@ def usage_rows(usage: Any) -> list[list[str]]:
 USAGE_HEADERS = ["role", "calls", "cached", "errors", "unsent", "prompt tok", "completion tok", "cost"]
 
 
-def proposal_params(proposal: dict) -> str:
-    params = proposal.get("params")
-    if isinstance(params, dict) and params:
-        return ", ".join(str(p) for p in params)
-    return "(no proposal)"
-
-
-def step_line(row: dict) -> str:
+def step_line(step: StepRecord) -> str:
     """One step of metrics.jsonl as a line: scores, skip reason, best val."""
-    parts = [f"batch {fmt_score(row.get('batch_score'))}"]
-    if row.get("subset_score") is not None:
-        n = len(row.get("subset_ids") or [])
-        parts.append(f"subset {fmt_score(row.get('subset_score'))}" + (f" on {n}" if n else ""))
-    if row.get("skipped"):
-        parts.append(f"skipped: {row['skipped']}")
-    if row.get("val_score") is not None:
-        parts.append(f"val {fmt_score(row.get('val_score'))}")
-    parts.append(f"best val {fmt_score(row.get('best_val'))}")
-    epoch = f" (epoch {row['epoch']})" if row.get("epoch") is not None else ""
-    return f"step {row.get('step', '?')}{epoch}: " + "; ".join(parts)
+    parts = [f"batch {fmt_score(step.batch_score)}"]
+    if step.subset_score is not None:
+        n = len(step.subset_ids or [])
+        parts.append(f"subset {fmt_score(step.subset_score)}" + (f" on {n}" if n else ""))
+    if step.skipped:
+        parts.append(f"skipped: {step.skipped}")
+    if step.val_score is not None:
+        parts.append(f"val {fmt_score(step.val_score)}")
+    parts.append(f"best val {fmt_score(step.best_val)}")
+    epoch = f" (epoch {step.epoch})" if step.epoch is not None else ""
+    return f"step {step.step}{epoch}: " + "; ".join(parts)
 
 
-def proposal_line(index: int, proposal: dict) -> tuple[str, str, str]:
+def proposal_line(index: int, proposal: ProposalRecord) -> tuple[str, str, str]:
     """(prefix, verdict, rest) of one proposal, e.g. ("#1", "accepted", "[instruction] subset 1.000, val 1.000: ...")."""
-    verdict = "accepted" if proposal.get("accepted") else "rejected"
+    verdict = "accepted" if proposal.accepted else "rejected"
     scores = []
-    if proposal.get("subset_score") is not None:
-        scores.append(f"subset {fmt_score(proposal['subset_score'])}")
-    if proposal.get("val_score") is not None:
-        scores.append(f"val {fmt_score(proposal['val_score'])}")
-    params = proposal.get("params")
-    rest = (f"[{proposal_params(proposal)}]" if isinstance(params, dict) and params else "no proposal") \
+    if proposal.subset_score is not None:
+        scores.append(f"subset {fmt_score(proposal.subset_score)}")
+    if proposal.val_score is not None:
+        scores.append(f"val {fmt_score(proposal.val_score)}")
+    rest = (f"[{', '.join(proposal.params)}]" if proposal.proposed else "no proposal") \
         + (f" {', '.join(scores)}" if scores else "")
-    if proposal.get("reason"):
-        rest += f": {proposal['reason']}"
+    if proposal.reason:
+        rest += f": {proposal.reason}"
     return f"#{index}", verdict, rest
 
 
@@ -344,8 +336,9 @@ def show_run(run_dir: Path, json_out: bool) -> None:
     if not metrics:
         out("  no step finished yet")
     for row in metrics:
-        out("  " + step_line(row), "bold" if any(p.get("accepted") for p in row.get("proposals") or []) else None)
-        for i, proposal in enumerate(row.get("proposals") or [], 1):
+        step = StepRecord.from_row(row)
+        out("  " + step_line(step), "bold" if step.accepted else None)
+        for i, proposal in enumerate(step.proposals, 1):
             prefix, verdict, rest = proposal_line(i, proposal)
             if console is None:
                 print(f"    {prefix} {verdict} {rest}")

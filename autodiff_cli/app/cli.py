@@ -8,7 +8,6 @@ from __future__ import annotations
 import sys
 import traceback
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -36,7 +35,7 @@ SetOption = typer.Option(None, "--set", metavar="KEY=VALUE",
 
 @app.callback()
 def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
-          env_file: Optional[Path] = typer.Option(None, "--env-file", metavar="FILE",
+          env_file: Path | None = typer.Option(None, "--env-file", metavar="FILE",
                                                   help="Read API keys (NAME=value lines) from this file; the environment wins.")) -> None:
     _state["debug"] = debug
     if env_file is not None:
@@ -80,7 +79,7 @@ def run_guarded(fn, *args, **kwargs):
 
 @app.command()
 def validate(config: Path = typer.Argument(..., help="The pipeline spec (YAML)."),
-             set_: Optional[List[str]] = SetOption) -> None:
+             set_: list[str] | None = SetOption) -> None:
     """Check a spec statically: schema, references, graph, functions, data files. No model is called.
 
     Example: autodiff validate configs/quickstart.yaml
@@ -93,8 +92,8 @@ def validate(config: Path = typer.Argument(..., help="The pipeline spec (YAML)."
 @app.command()
 def graph(config: Path = typer.Argument(..., help="The pipeline spec (YAML)."),
           format: str = typer.Option("mermaid", "--format", help="mermaid or dot."),
-          png: Optional[Path] = typer.Option(None, "--png", help="Also render a PNG with Graphviz `dot`."),
-          set_: Optional[List[str]] = SetOption) -> None:
+          png: Path | None = typer.Option(None, "--png", help="Also render a PNG with Graphviz `dot`."),
+          set_: list[str] | None = SetOption) -> None:
     """Print the pipeline as a Mermaid or DOT diagram.
 
     Example: autodiff graph configs/object_count.yaml --format dot
@@ -109,17 +108,17 @@ def graph(config: Path = typer.Argument(..., help="The pipeline spec (YAML)."),
 
 @app.command("eval")
 def eval_(config: Path = typer.Argument(..., help="The pipeline spec (YAML)."),
-          prompts: Optional[Path] = typer.Option(None, "--prompts", help="Param values: a run's prompts.yaml or an export-prompts yaml/json."),
-          run: Optional[Path] = typer.Option(None, "--run", help="A run directory: use its best prompts."),
+          prompts: Path | None = typer.Option(None, "--prompts", help="Param values: a run's prompts.yaml or an export-prompts yaml/json."),
+          run: Path | None = typer.Option(None, "--run", help="A run directory: use its best prompts."),
           split: str = typer.Option("val", "--split", help="train, val or test."),
-          limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Score only the first N examples."),
-          concurrency: Optional[int] = typer.Option(None, "--concurrency", min=1, help="Calls in flight per model config (overrides the spec)."),
-          fail_under: Optional[float] = typer.Option(None, "--fail-under", min=0.0, max=1.0, help="Exit 1 if the score is below this fraction."),
+          limit: int | None = typer.Option(None, "--limit", min=1, help="Score only the first N examples."),
+          concurrency: int | None = typer.Option(None, "--concurrency", min=1, help="Calls in flight per model config (overrides the spec)."),
+          fail_under: float | None = typer.Option(None, "--fail-under", min=0.0, max=1.0, help="Exit 1 if the score is below this fraction."),
           json_out: bool = typer.Option(False, "--json", help="Print one JSON object (split, n, completed, errors, score, usage)."),
           quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log lines on stderr (errors still show)."),
-          out: Optional[Path] = typer.Option(None, "--out", help="Write one JSONL row per example (id, prediction, target, score, error)."),
+          out: Path | None = typer.Option(None, "--out", help="Write one JSONL row per example (id, prediction, target, score, error)."),
           no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the call cache."),
-          set_: Optional[List[str]] = SetOption) -> None:
+          set_: list[str] | None = SetOption) -> None:
     """Score a pipeline on a split.
 
     Examples:
@@ -139,7 +138,7 @@ def eval_(config: Path = typer.Argument(..., help="The pipeline spec (YAML)."),
 @app.command("export-prompts")
 def export_prompts(run_dir: Path = typer.Argument(..., help="A run directory made by `autodiff train`."),
                    format: str = typer.Option("yaml", "--format", help="yaml, json, md or config (the spec with the best prompts baked in)."),
-                   output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write FILE (atomically) instead of printing.")) -> None:
+                   output: Path | None = typer.Option(None, "-o", "--output", help="Write FILE (atomically) instead of printing.")) -> None:
     """Print a run's best prompts as plain text, or the config with them baked in.
 
     Examples:
@@ -157,13 +156,13 @@ def export_prompts(run_dir: Path = typer.Argument(..., help="A run directory mad
 @app.command()
 def train(config: Path = typer.Argument(..., help="The pipeline spec (YAML)."),
           runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run directories are made."),
-          resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run directory from its last completed step."),
+          resume: Path | None = typer.Option(None, "--resume", help="Continue this run directory from its last completed step."),
           dry_run: bool = typer.Option(False, "--dry-run", help="Project calls and tokens per role; call no model."),
-          concurrency: Optional[int] = typer.Option(None, "--concurrency", min=1, help="Calls in flight per model config."),
+          concurrency: int | None = typer.Option(None, "--concurrency", min=1, help="Calls in flight per model config."),
           json_out: bool = typer.Option(False, "--json", help="Print summary.json's content before the run directory."),
           quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log lines on stderr (errors still show)."),
           no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the call cache."),
-          set_: Optional[List[str]] = SetOption) -> None:
+          set_: list[str] | None = SetOption) -> None:
     """Optimize the trainable prompts: forward, textual backward, GDPO proposals, two-stage validation.
 
     The last stdout line is the run directory.
@@ -173,7 +172,7 @@ def train(config: Path = typer.Argument(..., help="The pipeline spec (YAML)."),
       autodiff train configs/object_count.yaml --set models.task.model=local/qwen2.5-coder-1.5b --dry-run
       autodiff train configs/object_count.yaml --resume runs/object_count-20261124-101500
     """
-    from autodiff_cli.train.run import train_command
+    from autodiff_cli.app.train_run import train_command
 
     set_quiet(quiet)
     run_guarded(train_command, config, runs_dir=runs_dir, resume=resume, dry_run=dry_run, concurrency=concurrency,
@@ -185,8 +184,8 @@ def train(config: Path = typer.Argument(..., help="The pipeline spec (YAML)."),
 
 @data_app.command("fetch")
 def data_fetch(name: str = typer.Argument(..., help="object_counting, trec, hotpotqa or gsm8k."),
-               from_dir: Optional[Path] = typer.Option(None, "--from", help="Copy from a local folder (offline) instead of downloading."),
-               dest: Optional[Path] = typer.Option(None, "--dest", help="Target folder (default $AUTODIFF_DATA or datasets/).")) -> None:
+               from_dir: Path | None = typer.Option(None, "--from", help="Copy from a local folder (offline) instead of downloading."),
+               dest: Path | None = typer.Option(None, "--dest", help="Target folder (default $AUTODIFF_DATA or datasets/).")) -> None:
     """Fetch a public dataset into <dest>/<name>/{train,val,test}.jsonl.
 
     Example: autodiff data fetch object_counting --from ../shared/datasets
@@ -226,9 +225,9 @@ def schema() -> None:
     """
     import json
 
-    from autodiff_cli.spec.models import Spec
+    from autodiff_cli.app.commands import spec_schema
 
-    print(json.dumps(Spec.model_json_schema(by_alias=True), indent=2))
+    print(json.dumps(spec_schema(), indent=2))
 
 
 # ---------------------------------------------------------------- runs / diff / report / init

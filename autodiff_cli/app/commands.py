@@ -8,11 +8,17 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from autodiff_cli.app.console import log, progress, setup_logging
-from autodiff_cli.errors import EXIT_BELOW_THRESHOLD, EXIT_MODEL_ERRORS, DataError, UsageError
+from autodiff_cli.errors import (
+    EXIT_BELOW_THRESHOLD,
+    EXIT_MODEL_ERRORS,
+    DataError,
+    UsageError,
+)
 
 
 @dataclass
@@ -28,7 +34,7 @@ class Pipeline:
 
 
 def load_pipeline(config: Path, overrides: list[str]) -> Pipeline:
-    from autodiff_cli.spec.compiler import compile_spec
+    from autodiff_cli.nodes.compiler import compile_spec
     from autodiff_cli.spec.loader import load_spec
 
     loaded = load_spec(config, overrides)
@@ -59,7 +65,7 @@ def check_models(pipeline: Pipeline, client, models) -> None:
 
 
 def task_models(pipeline: Pipeline) -> list[str]:
-    return sorted({n.model for n in pipeline.program.all_nodes() if n.kind == "llm"})
+    return sorted({m for n in pipeline.program.all_nodes() for m in n.models()})
 
 
 # ---------------------------------------------------------------- validate / graph
@@ -67,8 +73,10 @@ def task_models(pipeline: Pipeline) -> list[str]:
 
 def validate_command(config: Path, overrides: list[str]) -> None:
     from autodiff_cli.data.splits import load_split, split_names
+    from autodiff_cli.train.trainer import check_train_settings
 
     p = load_pipeline(config, overrides)
+    check_train_settings(p.program)
     sizes = []
     for split in split_names(p.loaded):
         sizes.append(f"{split} {len(load_split(p.loaded, split, p.program.input_fields))}")
@@ -102,7 +110,7 @@ def eval_command(config: Path, *, prompts: Path | None, run: Path | None, split:
                  no_cache: bool, overrides: list[str]) -> None:
     from autodiff_cli.data.splits import SPLITS, load_split
     from autodiff_cli.engine.evaluate import evaluate
-    from autodiff_cli.io.prompts_io import values_for
+    from autodiff_cli.spec.prompts_file import values_for
 
     if split not in SPLITS:
         raise UsageError(key="--split", expected="train, val or test", got=repr(split))
@@ -181,8 +189,8 @@ def export_command(run_dir: Path, fmt: str, output: Path | None) -> None:
 
 
 def fetch_command(name: str, from_dir: Path | None, dest: Path | None) -> None:
-    from autodiff_cli.spec.compiler import data_root
     from autodiff_cli.data.fetch import DATASETS, fetch
+    from autodiff_cli.data.paths import data_root
 
     if name not in DATASETS:
         raise DataError(key="NAME", expected="one of " + ", ".join(DATASETS), got=repr(name))
@@ -205,3 +213,31 @@ def cache_clear_command() -> None:
     print(f"removed {open_cache().clear()} cached replies")
 
 
+
+
+def spec_schema() -> dict:
+    """The JSON Schema of the config format: the Spec's, with `Node` the union of every registered node kind's
+    own model (nodes/registry.py), so a new kind appears here without a change to the spec layer."""
+    from autodiff_cli.nodes.registry import KINDS, kind_class
+    from autodiff_cli.optim.registry import text_optimizers
+    from autodiff_cli.spec.models import NODE_SCHEMA_MARK, Spec
+
+    def linked(value: Any) -> Any:  # the spec layer marks where a node goes; `Node` is defined below
+        if value == NODE_SCHEMA_MARK:
+            return {"$ref": "#/$defs/Node"}
+        if isinstance(value, dict):
+            return {k: linked(v) for k, v in value.items()}
+        return [linked(v) for v in value] if isinstance(value, list) else value
+
+    schema = Spec.model_json_schema(by_alias=True)
+    defs = schema.setdefault("$defs", {})
+    kinds = []
+    for name in KINDS:
+        model = kind_class(name).Spec
+        one = model.model_json_schema(by_alias=True)
+        defs.update(one.pop("$defs", {}))
+        defs[model.__name__] = one
+        kinds.append({"$ref": f"#/$defs/{model.__name__}"})
+    defs["Node"] = {"oneOf": kinds, "description": "a node: `kind` names its kind, the other keys are that kind's"}
+    defs["TrainSpec"]["properties"]["optimizer"]["enum"] = text_optimizers()
+    return linked(schema)

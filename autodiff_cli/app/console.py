@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
-from typing import Iterator
-
+from datetime import UTC, datetime
 
 _settings = {"quiet": False}
 
@@ -49,7 +48,7 @@ def setup_logging() -> None:
 def log(message: str) -> None:
     if _settings["quiet"]:
         return
-    stamp = datetime.now(timezone.utc).strftime("%H:%M:%S")
+    stamp = datetime.now(UTC).strftime("%H:%M:%S")
     print(f"[{stamp}] {message}", file=sys.stderr, flush=True)
 
 
@@ -71,7 +70,14 @@ def progress(label: str, total: int, enabled: bool = True, bar: bool = True, usa
         return
     if bar and stderr_is_tty():
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         display = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                        TextColumn("score {task.fields[score]} errors {task.fields[errors]}{task.fields[spend]}"),
@@ -108,7 +114,7 @@ class LiveStatus:
         self.line = line
         self._live = None
 
-    def __enter__(self) -> "LiveStatus":
+    def __enter__(self) -> LiveStatus:
         if stderr_is_tty() and not _settings["quiet"]:
             from rich.console import Console
             from rich.live import Live
@@ -124,7 +130,7 @@ class LiveStatus:
         if self._live is None:
             log(message)
         else:
-            stamp = datetime.now(timezone.utc).strftime("%H:%M:%S")
+            stamp = datetime.now(UTC).strftime("%H:%M:%S")
             self._live.console.print(self._text(f"[{stamp}] {message}"))
 
     def __exit__(self, *exc) -> None:

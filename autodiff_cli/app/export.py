@@ -47,17 +47,17 @@ class Placeholder:
     def __init__(self, path: str) -> None:
         self._path = path
 
-    def __getattr__(self, name: str) -> "Placeholder":
+    def __getattr__(self, name: str) -> Placeholder:
         if name.startswith("_"):
             raise AttributeError(name)
         return Placeholder(f"{self._path}.{name}")
 
-    def __getitem__(self, key: Any) -> "Placeholder":
+    def __getitem__(self, key: Any) -> Placeholder:
         if isinstance(key, str) and key.isidentifier():
             return Placeholder(f"{self._path}.{key}")
         return Placeholder(f"{self._path}[{key!r}]")
 
-    def __call__(self, *args: Any, **kwargs: Any) -> "Placeholder":
+    def __call__(self, *args: Any, **kwargs: Any) -> Placeholder:
         return Placeholder(f"{self._path}()")
 
     def __iter__(self):
@@ -69,26 +69,26 @@ class Placeholder:
     def __bool__(self) -> bool:
         return True
 
-    def _op(self, op: str, other: Any, reverse: bool = False) -> "Placeholder":
+    def _op(self, op: str, other: Any, reverse: bool = False) -> Placeholder:
         other_text = other._path if isinstance(other, Placeholder) else repr(other)
         return Placeholder(f"{other_text} {op} {self._path}" if reverse else f"{self._path} {op} {other_text}")
 
-    def __add__(self, other: Any) -> "Placeholder":
+    def __add__(self, other: Any) -> Placeholder:
         return self._op("+", other)
 
-    def __radd__(self, other: Any) -> "Placeholder":
+    def __radd__(self, other: Any) -> Placeholder:
         return self._op("+", other, True)
 
-    def __sub__(self, other: Any) -> "Placeholder":
+    def __sub__(self, other: Any) -> Placeholder:
         return self._op("-", other)
 
-    def __rsub__(self, other: Any) -> "Placeholder":
+    def __rsub__(self, other: Any) -> Placeholder:
         return self._op("-", other, True)
 
-    def __mul__(self, other: Any) -> "Placeholder":
+    def __mul__(self, other: Any) -> Placeholder:
         return self._op("*", other)
 
-    def __rmul__(self, other: Any) -> "Placeholder":
+    def __rmul__(self, other: Any) -> Placeholder:
         return self._op("*", other, True)
 
     def __str__(self) -> str:
@@ -168,7 +168,7 @@ def open_run(run_dir: Path) -> RunView:
     return RunView(run, summary, resolved, values, initial, config_path)
 
 
-def _loaded_spec(view: RunView):
+def loaded_spec(view: RunView):
     """The run's resolved spec, located at the original config (so relative paths resolve as in the run)."""
     from autodiff_cli.spec.loader import LoadedSpec, validate_spec
 
@@ -183,31 +183,36 @@ def _loaded_spec(view: RunView):
 
 def prompt_nodes(view: RunView) -> list[PromptNode]:
     """The LLM nodes with their templates: in execution order when the spec compiles here, else as declared."""
-    from autodiff_cli.spec.compiler import compile_spec
+    from autodiff_cli.nodes.compiler import compile_spec
 
-    loaded = _loaded_spec(view)
+    loaded = loaded_spec(view)
     try:
         program = compile_spec(loaded)
     except AutodiffError:  # e.g. a data file of a function node is missing on this machine
         return _declared_nodes(loaded.spec)
     out = []
     for node in program.all_nodes():
-        if node.kind != "llm":
+        templates = node.templates()
+        if not templates:
             continue
-        loop = _loop_of(program, node.name)
-        out.append(PromptNode(node.name, node.model, loop, node.system, node.user, list(node.params)))
+        out.append(PromptNode(node.name, node.models()[0], _loop_of(program, node.name), templates.get("system"),
+                              templates.get("user"), list(node.params)))
     return out
 
 
 def _loop_of(program: Any, name: str) -> str | None:
+    """The node whose nested scope (a loop's body) holds `name`, if any."""
     for node in program.all_nodes():
-        if node.body is not None and name in node.body.nodes:
+        if any(name in scope.nodes for scope, _ in node.inner_scopes()):
             return node.name
     return None
 
 
 def _declared_nodes(spec: Any) -> list[PromptNode]:
-    from autodiff_cli.spec.models import LLMNode, LoopNode
+    """The nodes with prompts as the spec declares them, read by their kinds' own models, without compiling."""
+    from pydantic import ValidationError
+
+    from autodiff_cli.nodes.registry import KINDS, kind_class
     from autodiff_cli.spec.templates import TemplateError, compile_template
 
     def template(source: str | None):
@@ -221,13 +226,23 @@ def _declared_nodes(spec: Any) -> list[PromptNode]:
     out: list[PromptNode] = []
 
     def walk(nodes: dict, loop: str | None) -> None:
-        for name, node in nodes.items():
-            if isinstance(node, LLMNode):
-                system, user = template(node.system), template(node.user)
+        for name, raw in nodes.items():
+            if not isinstance(raw, dict) or raw.get("kind") not in KINDS:
+                continue
+            cls = kind_class(raw["kind"])
+            try:
+                node = cls.Spec.model_validate(raw)
+            except ValidationError:
+                continue
+            declared = cls.declared_prompt(node)
+            if declared is not None:
+                model, sources = declared
+                system, user = template(sources.get("system")), template(sources.get("user"))
                 used = set().union(*(t.names for t in (system, user) if t is not None))
-                out.append(PromptNode(name, node.model, loop, system, user, [p for p in spec.params if p in used]))
-            elif isinstance(node, LoopNode):
-                walk(node.body, name)
+                out.append(PromptNode(name, model, loop, system, user, [p for p in spec.params if p in used]))
+            nested = cls.nested_specs(node)
+            if nested is not None:
+                walk(nested[1], name)
 
     walk(spec.nodes, None)
     return out

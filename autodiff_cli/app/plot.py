@@ -12,6 +12,8 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 
+from autodiff_cli.io.records import StepRecord
+
 # ---------------------------------------------------------------- a 5x7 bitmap font
 
 _GLYPHS: dict[str, tuple[str, ...]] = {
@@ -216,14 +218,12 @@ def curve_from_metrics(initial_val: float | None, rows: list[dict], best_val: fl
     if current is not None:
         pts.current.append((0, float(current)))
     last = 0
-    for row in rows:
-        step = row.get("step")
-        if not isinstance(step, int):
-            continue
+    for record in map(StepRecord.from_row, rows):
+        step = record.step
         last = max(last, step)
-        for proposal in row.get("proposals") or []:
-            val = num(proposal.get("val_score"))
-            if proposal.get("accepted"):
+        for proposal in record.proposals:
+            val = proposal.val_score
+            if proposal.accepted:
                 if val is not None:
                     current = val
                     pts.accepted.append((step, float(val)))

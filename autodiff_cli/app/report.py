@@ -6,11 +6,11 @@ prompts.yaml; data files for the split sizes when they are still where the run f
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from autodiff_cli.app.browse import (
-    ROLES,
     ParamChange,
     fmt_cost,
     fmt_seconds,
@@ -22,7 +22,9 @@ from autodiff_cli.app.browse import (
     total_cost,
 )
 from autodiff_cli.app.plot import curve_from_metrics, score_curve_png
+from autodiff_cli.io.records import StepRecord
 from autodiff_cli.io.rundir import RunDir
+from autodiff_cli.llm.usage import ROLES
 
 REPORT = "report.md"
 PLOT = "score.png"
@@ -74,10 +76,10 @@ def _dict(value: Any) -> dict:
 def _data_sizes(run: RunDir, summary: dict) -> dict[str, int] | None:
     """Examples per split, when the run's data can still be loaded from here."""
     try:
+        from autodiff_cli.app.export import loaded_spec, open_run
         from autodiff_cli.data.splits import load_split, split_names
-        from autodiff_cli.app.export import _loaded_spec, open_run
 
-        loaded = _loaded_spec(open_run(run.path))
+        loaded = loaded_spec(open_run(run.path))
         return {s: len(load_split(loaded, s)) for s in split_names(loaded)}
     except Exception:  # data moved or unreadable: the report says "unknown"
         return None
@@ -160,21 +162,18 @@ def _steps(metrics: list[dict]) -> list[str]:
     if not metrics:
         return lines + ["No step has finished yet."]
     rows = []
-    for row in metrics:
-        step_cells = [str(row.get("step", "?")), _s(row.get("batch_score")), _s(row.get("subset_score"))]
-        proposals = row.get("proposals") or []
-        if not proposals:
-            why = row.get("skipped") or "no proposal"
-            rows.append(step_cells + ["-", "-", "skipped" if row.get("skipped") else "-", "-", why,
-                                      _s(row.get("best_val"))])
+    for step in map(StepRecord.from_row, metrics):
+        step_cells = [str(step.step), _s(step.batch_score), _s(step.subset_score)]
+        if not step.proposals:
+            rows.append(step_cells + ["-", "-", "skipped" if step.skipped else "-", "-", step.skipped or "no proposal",
+                                      _s(step.best_val)])
             continue
-        for i, p in enumerate(proposals, 1):
-            params = _dict(p.get("params"))
-            changed = ", ".join(f"`{n}`" for n in params) if params else "(none)"
-            result = "**accepted**" if p.get("accepted") else "rejected"
+        for i, p in enumerate(step.proposals, 1):
+            changed = ", ".join(f"`{n}`" for n in p.params) if p.params else "(none)"
+            result = "**accepted**" if p.accepted else "rejected"
             cells = step_cells if i == 1 else ["", "", ""]
-            rows.append(cells + [f"#{i}", changed, result, f"{_s(p.get('subset_score'))} / {_s(p.get('val_score'))}",
-                                 p.get("reason") or "-", _s(row.get("best_val")) if i == len(proposals) else ""])
+            rows.append(cells + [f"#{i}", changed, result, f"{_s(p.subset_score)} / {_s(p.val_score)}",
+                                 p.reason or "-", _s(step.best_val) if i == len(step.proposals) else ""])
     headers = ["step", "batch", "subset", "proposal", "params", "result", "subset / val", "why", "best val"]
     lines += _table(headers, rows, right=(1, 2, 8))
     lines += ["", "*batch*: score of the minibatch; *subset*: score of the backpropagated examples; a proposal must "

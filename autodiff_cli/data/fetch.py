@@ -12,14 +12,12 @@ import random
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from autodiff_cli.data.loaders import check_fields, decode_utf8, load_examples
-from autodiff_cli.io.files import atomic_write_bytes, jsonl_rows, jsonl_text
+from autodiff_cli.data.loaders import DATASETS, check_fields, decode_utf8, load_examples
 from autodiff_cli.errors import DataError, describe
-
-DATASETS = ("object_counting", "trec", "hotpotqa", "gsm8k")
+from autodiff_cli.io.files import atomic_write_bytes, jsonl_rows, jsonl_text
 
 BBH_URL = (
     "https://raw.githubusercontent.com/suzgunmirac/BIG-Bench-Hard/"
@@ -62,7 +60,7 @@ def fetch(
     if from_dir is not None:
         contents = _read_local(name, _local_source_dir(Path(from_dir), name))
     else:
-        download = lambda url: _download(_rebase(url, base_url), timeout, name)  # noqa: E731
+        download = lambda url: _download(_rebase(url, base_url), timeout, name)
         splits = ONLINE_BUILDERS[name](download)
         _check_disjoint_ids({k: [str(r["id"]) for r in v] for k, v in splits.items() if k != "corpus"}, name)
         contents = {split: _jsonl_bytes(rows) for split, rows in splits.items()}
@@ -191,7 +189,7 @@ def _gsm8k(download: Download) -> Splits:
     source = _parse_gsm8k(download(GSM8K_URL))
     order = list(range(len(source)))
     random.Random(0).shuffle(order)
-    pick = lambda lo, hi: [source[i] for i in order[lo:hi]]  # noqa: E731
+    pick = lambda lo, hi: [source[i] for i in order[lo:hi]]
     return {"train": pick(0, 200), "val": pick(200, 400), "test": pick(400, 700)}
 
 

@@ -1,8 +1,9 @@
 """Small synthetic datasets written here, for tests, demos and offline runs."""
 from __future__ import annotations
 
+import operator
 import random
-from typing import Callable
+from collections.abc import Callable
 
 from autodiff_cli.errors import DataError
 
@@ -88,14 +89,41 @@ def object_counting(n: int, seed: int, id_prefix: str = "gen-oc") -> list[dict]:
     return rows
 
 
-GENERATORS: dict[str, Callable[..., list[dict]]] = {"object_counting": object_counting}
+ARITHMETIC = {"plus": operator.add, "minus": operator.sub, "times": operator.mul}
+
+
+def arithmetic_question(rng: random.Random) -> tuple[str, int]:
+    """"What is 17 plus 25?": two small whole numbers, never a negative result."""
+    op = rng.choice(sorted(ARITHMETIC))
+    top = 12 if op == "times" else 60
+    a, b = rng.randint(2, top), rng.randint(2, top)
+    if op == "minus" and b > a:
+        a, b = b, a
+    return f"What is {a} {op} {b}?", ARITHMETIC[op](a, b)
+
+
+def counting_or_arithmetic(n: int, seed: int, id_prefix: str = "gen-ca") -> list[dict]:
+    """`n` questions for a router: even rows count objects (as `object_counting`), odd rows are arithmetic.
+    `kind` says which, for checks and reports; a pipeline should not read it (its classifier decides).
+    Row i depends only on (seed, i), like `object_counting`."""
+    rows = []
+    for i in range(n):
+        rng = random.Random(f"counting_or_arithmetic:{seed}:{i}")
+        kind = "counting" if i % 2 == 0 else "arithmetic"
+        question, answer = (object_counting_question if kind == "counting" else arithmetic_question)(rng)
+        rows.append({"id": f"{id_prefix}-{seed}-{i}", "question": question, "answer": str(answer), "kind": kind})
+    return rows
+
+
+GENERATORS: dict[str, Callable[..., list[dict]]] = {"object_counting": object_counting,
+                                                    "counting_or_arithmetic": counting_or_arithmetic}
 
 
 def generate(name: str, n: int, seed: int) -> list[dict]:
     """Rows from a registered generator; a DataError for an unknown name or a bad size."""
     if name not in GENERATORS:
         raise DataError(
-            key="generator", expected=f"one of {', '.join(sorted(GENERATORS))}", got=repr(name)
+            key="generator", expected=f"one of {', '.join(GENERATORS)}", got=repr(name)
         )
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise DataError(key="generator.n", expected="a positive number of examples", got=repr(n))

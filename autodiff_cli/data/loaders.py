@@ -6,9 +6,9 @@ import hashlib
 import io
 import json
 import random
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 from autodiff_cli.errors import DataError, describe
 from autodiff_cli.io.files import jsonl_rows
@@ -61,11 +61,13 @@ def _read_bytes(path: Path, shown: str) -> bytes:
         raise DataError(file=shown, expected="a readable file", got=exc.strerror or str(exc)) from None
 
 
+# the datasets `autodiff data fetch` knows (data/fetch.py, which reads data through this module)
+DATASETS = ("object_counting", "trec", "hotpotqa", "gsm8k")
+
+
 def _missing_file_hint(path: Path) -> str:
     name, split = path.parent.name, path.stem
     if path.suffix == ".jsonl" and split in SPLITS and name:
-        from autodiff_cli.data.fetch import DATASETS  # local: fetch imports this module
-
         if name in DATASETS:
             return f"hint: download it with `autodiff data fetch {name}` (or `--from DIR` for a local copy)"
     return "hint: paths in a spec are relative to the config file or to AUTODIFF_DATA"

@@ -1,12 +1,12 @@
 """The train/val/test examples a spec names: files (with slices and samples) or a generator."""
 from __future__ import annotations
 
-from autodiff_cli.spec.compiler import resolve_data_path
+from autodiff_cli.data.generators import generate
+from autodiff_cli.data.loaders import Example, check_fields, load_examples, select
+from autodiff_cli.data.paths import resolve_data_path
 from autodiff_cli.errors import DataError
 from autodiff_cli.spec.loader import LoadedSpec
 from autodiff_cli.spec.models import SplitSpec
-from autodiff_cli.data.generators import generate
-from autodiff_cli.data.loaders import Example, check_fields, load_examples, select
 
 SPLITS = ("train", "val", "test")
 

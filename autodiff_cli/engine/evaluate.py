@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from autodiff_cli.spec.compiler import Program
 from autodiff_cli.data.loaders import Example
 from autodiff_cli.engine.forward import ForwardEngine, metric_inputs, score
-from autodiff_cli.llm.priority import call_priority
+from autodiff_cli.engine.program import Program
 from autodiff_cli.engine.trace import Trace
+from autodiff_cli.llm.priority import call_priority
 
 
 @dataclass

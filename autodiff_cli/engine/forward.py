@@ -1,26 +1,31 @@
 """The forward engine: run one example through a Program and record its Trace.
 
-Values move between nodes as Slots: the value plus the ids of the calls it came from, so
-every call's inputs name their sources (loop state included) and the trace is a DAG even
-when the program has loops. Nodes of one topological generation run concurrently; loops
-run their body once per iteration until `until` holds or `max_iters` is reached.
+The engine schedules; the node kinds (autodiff_cli/nodes/) run. Nodes of one topological
+generation run concurrently and their calls join the trace in topological order, whatever
+finishes first. Before a node runs, the engine applies what every kind shares: a node whose
+`when` is false, or every node it reads was skipped, is skipped (a skipped Call, a None
+output, no model call); otherwise its kind's `forward` runs with a RunContext, and the values
+the condition read join its call's inputs. A kind with a nested scope (a loop's body) asks the
+context to run it.
 """
 from __future__ import annotations
 
 import asyncio
-import copy
-import inspect
-import json
 import logging
 import numbers
-import time
-from dataclasses import dataclass, field
 from typing import Any
 
-from autodiff_cli.spec.compiler import CompiledNode, Metric, Program, Ref, Scope
-from autodiff_cli.errors import AutodiffError, ModelCallError, describe, describe_exception
-from autodiff_cli.engine.trace import Call, InputValue, Trace
+from autodiff_cli.engine.program import Metric, Program, Scope
+from autodiff_cli.engine.trace import Call, InputValue, Slot, Trace, resolve
+from autodiff_cli.errors import (
+    AutodiffError,
+    ModelCallError,
+    describe,
+    describe_exception,
+)
 
+__all__ = ["ExampleError", "ExampleRun", "ForwardEngine", "PipelineError", "RunContext", "Slot", "metric_inputs", "resolve",
+           "score", "state_slot"]
 
 log = logging.getLogger("autodiff.engine")
 
@@ -29,43 +34,22 @@ class PipelineError(AutodiffError):
     """A function node, template or loop condition failed on an example: a bug in the pipeline."""
 
 
-@dataclass
-class Slot:
-    value: Any
-    sources: list[str] = field(default_factory=list)
-    fields: dict[str, "Slot"] | None = None  # per-field provenance (loop state, loop outputs)
-
-
-def _index(value: Any, part: str | int) -> Any:
-    if isinstance(value, dict):
-        return value.get(part if part in value else str(part))
-    if isinstance(value, (list, tuple, str)) and isinstance(part, int):
-        return value[part] if -len(value) <= part < len(value) else None
-    return None
-
-
-def resolve(env: dict[str, Slot], ref: Ref) -> Slot:
-    """The value `ref` names in `env`, with the call ids it came from."""
-    slot = env[ref.root]
-    path = list(ref.path)
-    if path and slot.fields is not None and str(path[0]) in slot.fields:
-        slot = slot.fields[str(path.pop(0))]
-    value = slot.value
-    for part in path:
-        value = _index(value, part)
-    return Slot(value, list(slot.sources))
+class ExampleError(AutodiffError):
+    """One example cannot go on (a `when` condition that fails on its values): the example is counted in
+    `errors` like a failed model call, and the run goes on."""
 
 
 def _example_slot(fields: dict[str, Any]) -> Slot:
     return Slot(fields, [], {k: Slot(v, []) for k, v in fields.items()})
 
 
-def _state_slot(state: dict[str, Slot]) -> Slot:
+def state_slot(state: dict[str, Slot]) -> Slot:
+    """A loop state as one Slot that keeps each field's provenance."""
     sources = sorted({s for slot in state.values() for s in slot.sources})
     return Slot({k: s.value for k, s in state.items()}, sources, dict(state))
 
 
-class _Run:
+class ExampleRun:
     """The mutable state of one example's forward pass."""
 
     def __init__(self, example_id: str) -> None:
@@ -76,6 +60,48 @@ class _Run:
         i = self.counters.get(node, 0)
         self.counters[node] = i + 1
         return i
+
+
+class RunContext:
+    """What a node kind's `forward` sees: the values so far (`env`: names -> Slots), the loop iteration
+    it runs in, and the engine's services (new calls, model calls, nested scopes)."""
+
+    def __init__(self, engine: ForwardEngine, run: ExampleRun, node: Any, env: dict[str, Slot],
+                 iteration: int | None) -> None:
+        self.engine, self.run, self.node, self.env, self.iteration = engine, run, node, env, iteration
+
+    @property
+    def example_id(self) -> str:
+        return self.run.trace.example_id
+
+    def is_param(self, name: str) -> bool:
+        return name in self.engine.program.params
+
+    def new_call(self) -> Call:
+        """The node's next call (`<node>#<call index>`), not yet in the trace."""
+        return self.engine.new_call(self.node, self.run, self.iteration)
+
+    async def complete(self, call: Call, model: str, messages: list[dict], json_schema: dict | None = None) -> str:
+        """One model call for `call` (the engine's model swap, usage role and cache salt applied); fills the
+        call's model, tokens, latency and cache hit. A call that fails after retries joins the trace with
+        its error, and the ModelCallError ends the example."""
+        engine = self.engine
+        call.model = engine.models.get(model, model)
+        extra = {} if engine.salt is None else {"salt": engine.salt}
+        try:
+            reply = await engine.client.complete(call.model, messages, role=engine.role, json_schema=json_schema,
+                                                 **extra)
+        except ModelCallError as e:
+            call.error = e.message
+            self.run.trace.calls.append(call)
+            raise
+        call.prompt_tokens, call.completion_tokens = reply.prompt_tokens, reply.completion_tokens
+        call.latency_s, call.cache_hit = reply.latency_s, reply.cache_hit
+        return reply.text
+
+    async def run_scope(self, scope: Scope, env: dict[str, Slot], iteration: int | None) -> None:
+        """Runs a nested scope (a loop body, one iteration) in `env`; its calls join the trace."""
+        await self.engine.run_scope(scope, env, self.run, iteration)
 
 
 class ForwardEngine:
@@ -90,13 +116,14 @@ class ForwardEngine:
         self.salt = salt
 
     async def run(self, example_id: str, fields: dict[str, Any], values: dict[str, str]) -> Trace:
-        """Run one example with the given parameter values; model errors end up in trace.error."""
-        run = _Run(example_id)
+        """Run one example with the given parameter values; model errors and failed conditions end up in
+        trace.error."""
+        run = ExampleRun(example_id)
         env: dict[str, Slot] = {"input": _example_slot(fields)}
         env.update({name: Slot(values[name], []) for name in self.program.params})
         try:
-            await self._run_scope(self.program.scope, env, run, iteration=None)
-        except ModelCallError as e:
+            await self.run_scope(self.program.scope, env, run, iteration=None)
+        except (ModelCallError, ExampleError) as e:
             run.trace.error = e.message
             return run.trace
         out = resolve(env, self.program.output)
@@ -104,9 +131,12 @@ class ForwardEngine:
         run.trace.slots = env  # type: ignore[attr-defined]  # kept for scoring, not serialised
         return run.trace
 
-    # ---------------------------------------------------------------- scopes
+    def new_call(self, node: Any, run: ExampleRun, iteration: int | None) -> Call:
+        index = run.next_index(node.name)
+        return Call(id=f"{node.name}#{index}", node=node.name, kind=node.kind, call_index=index,
+                    topo_index=node.topo_index, iteration=iteration)
 
-    async def _run_scope(self, scope: Scope, env: dict[str, Slot], run: _Run, iteration: int | None) -> None:
+    async def run_scope(self, scope: Scope, env: dict[str, Slot], run: ExampleRun, iteration: int | None) -> None:
         for generation in scope.generations:
             nodes = [scope.nodes[n] for n in generation]
             if len(nodes) == 1:
@@ -118,120 +148,58 @@ class ForwardEngine:
                 env[node.name] = slot
                 run.trace.calls.extend(calls)
 
-    async def _run_node(self, node: CompiledNode, env: dict[str, Slot], run: _Run, iteration: int | None) -> tuple[Slot, list[Call]]:
-        if node.kind == "llm":
-            return await self._run_llm(node, env, run, iteration)
-        if node.kind == "function":
-            return await self._run_function(node, env, run, iteration)
-        return await self._run_loop(node, env, run)
+    async def _run_node(self, node: Any, env: dict[str, Slot], run: ExampleRun, iteration: int | None) -> tuple[Slot, list[Call]]:
+        if node.upstream and all(env[name].skipped for name in node.upstream):
+            # nothing it reads was computed: the branch it belongs to was not taken
+            return self._skipped(node, run, iteration, {str(r): resolve(env, r) for r in node.dependencies()
+                                                        if r.root in node.upstream})
+        condition: dict[str, Slot] = {}
+        if node.when is not None:
+            condition = {f"when: {r}": resolve(env, r) for r in node.when_reads}
+            if not self._holds(node, env, run, iteration, condition):
+                return self._skipped(node, run, iteration, condition, when=node.when.source)
+        slot, calls = await node.forward(RunContext(self, run, node, env, iteration))
+        if node.when is not None:
+            traced = {f"when: {r}" for r in node.condition_inputs()}
+            for call in calls:
+                if call.node == node.name:
+                    call.when = node.when.source
+                    call.inputs.update({k: InputValue(s.value, s.sources, condition=True)
+                                        for k, s in condition.items() if k in traced})
+        return slot, calls
 
-    def _new_call(self, node: CompiledNode, run: _Run, iteration: int | None) -> Call:
-        index = run.next_index(node.name)
-        return Call(id=f"{node.name}#{index}", node=node.name, kind=node.kind, call_index=index,
-                    topo_index=node.topo_index, iteration=iteration)
-
-    # ---------------------------------------------------------------- llm
-
-    async def _run_llm(self, node: CompiledNode, env: dict[str, Slot], run: _Run, iteration: int | None) -> tuple[Slot, list[Call]]:
-        call = self._new_call(node, run, iteration)
-        context: dict[str, Any] = {}
-        for ref in node.reads:
-            slot = resolve(env, ref)
-            call.inputs[str(ref)] = InputValue(slot.value, slot.sources)
-            if ref.root in ("input", "state"):
-                context.setdefault(ref.root, env[ref.root].value)
-            else:
-                context[ref.root] = env[ref.root].value
-        for name in ("iteration",):
-            if name in env:
-                context[name] = env[name].value
-        for p in node.params:
-            call.params[p] = env[p].value
-            context[p] = env[p].value
-        messages = []
-        for role, tmpl in (("system", node.system), ("user", node.user)):
-            if tmpl is not None:
-                try:
-                    messages.append({"role": role, "content": tmpl.render(context)})
-                except Exception as e:  # TemplateError: e.g. a field this example lacks
-                    raise PipelineError(f"nodes.{node.name}.{role}: {e} (example {run.trace.example_id})") from None
-        call.messages = messages
-        call.model = self.models.get(node.model, node.model)
-        extra = {} if self.salt is None else {"salt": self.salt}
-        try:
-            reply = await self.client.complete(call.model, messages, role=self.role, json_schema=node.spec.json_schema,
-                                               **extra)
-        except ModelCallError as e:
-            call.error = e.message
-            run.trace.calls.append(call)
-            raise
-        call.prompt_tokens, call.completion_tokens = reply.prompt_tokens, reply.completion_tokens
-        call.latency_s, call.cache_hit = reply.latency_s, reply.cache_hit
-        output: Any = reply.text
-        if node.spec.json_schema is not None:
-            try:
-                output = json.loads(reply.text)
-            except (ValueError, RecursionError):  # RecursionError: a reply nested thousands deep
-                output = reply.text  # left for the parser downstream; the trace shows the raw text
-        call.output = output
-        return Slot(output, [call.id]), [call]
-
-    # ---------------------------------------------------------------- function
-
-    async def _run_function(self, node: CompiledNode, env: dict[str, Slot], run: _Run, iteration: int | None) -> tuple[Slot, list[Call]]:
-        call = self._new_call(node, run, iteration)
-        kwargs = dict(node.constants)
-        for arg, ref in node.args.items():
-            slot = resolve(env, ref)
-            call.inputs[arg] = InputValue(slot.value, slot.sources)
-            kwargs[arg] = slot.value
-            if ref.root in self.program.params:
-                call.params[ref.root] = env[ref.root].value
-        start = time.perf_counter()
-        try:
-            output = node.fn(**kwargs)
-            if inspect.isawaitable(output):
-                output = await output
-        except Exception as e:
-            raise PipelineError(
-                f"nodes.{node.name}: {node.fn_ref} raised {describe_exception(e)} (example {run.trace.example_id})"
-            ) from e
-        call.latency_s = time.perf_counter() - start
-        call.output = output
-        return Slot(output, [call.id]), [call]
-
-    # ---------------------------------------------------------------- loop
-
-    async def _run_loop(self, node: CompiledNode, env: dict[str, Slot], run: _Run) -> tuple[Slot, list[Call]]:
+    def _holds(self, node: Any, env: dict[str, Slot], run: ExampleRun, iteration: int | None,
+               condition: dict[str, Slot]) -> bool:
+        """Evaluates the node's `when`. A value that lacks the field the condition reads (a reply that is not
+        the JSON it expects) makes it false, as such a value lets a loop's `until` go on; any other failure
+        is an error of the example."""
         from autodiff_cli.spec.expr import ExprError
 
-        state = {k: Slot(copy.deepcopy(v), []) for k, v in node.initial_state.items()}
-        for iteration in range(node.max_iters):
-            inner = dict(env)
-            inner["state"] = _state_slot(state)
-            inner["iteration"] = Slot(iteration, [])
-            await self._run_scope(node.body, inner, run, iteration)
-            for field_name, ref in node.update.items():
-                state[field_name] = resolve(inner, ref)
-            if node.until is not None:
-                context = {name: inner[name].value for name in node.body.nodes}
-                context.update(state=_state_slot(state).value, input=env["input"].value, iteration=iteration)
-                try:
-                    done = bool(node.until.evaluate(context))
-                except ExprError as e:
-                    # a model output without the field the condition reads (e.g. a reply that is
-                    # not JSON) does not stop the loop; it runs on until max_iters
-                    log.warning("nodes.%s.until on example %s: %s; the loop goes on", node.name,
-                                run.trace.example_id, e)
-                    done = False
-                if done:
-                    break
-        # body calls were appended to the trace as they ran; the loop itself adds no call
-        return _state_slot(state), []
+        context = {name: env[name].value for name in node.when.names}
+        try:
+            return bool(node.when.evaluate(context))
+        except ExprError as e:
+            if e.missing:
+                log.warning("nodes.%s.when on example %s: %s; the node is skipped", node.name,
+                            run.trace.example_id, e)
+                return False
+            message = f"{'.'.join(map(str, node.key))}.when: {e} (example {run.trace.example_id})"
+        call = self.new_call(node, run, iteration)
+        call.when, call.error = node.when.source, message
+        call.inputs = {k: InputValue(s.value, s.sources, condition=True) for k, s in condition.items()}
+        run.trace.calls.append(call)
+        raise ExampleError(message)
+
+    def _skipped(self, node: Any, run: ExampleRun, iteration: int | None, inputs: dict[str, Slot],
+                 when: str | None = None) -> tuple[Slot, list[Call]]:
+        call = self.new_call(node, run, iteration)
+        call.skipped, call.when = True, when
+        call.inputs = {k: InputValue(s.value, s.sources, condition=when is not None) for k, s in inputs.items()}
+        return Slot(None, [], skipped=True), [call]
 
 
 def metric_inputs(metric: Metric, trace: Trace) -> dict[str, Slot]:
-    slots = getattr(trace, "slots")
+    slots = trace.slots
     return {arg: resolve(slots, ref) for arg, ref in metric.args.items()}
 
 

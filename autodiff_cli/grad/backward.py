@@ -1,11 +1,13 @@
 """Textual backpropagation over one example's trace.
 
 Like micrograd's backward, a reverse walk over the trace: every call that received feedback
-hands feedback to its predecessors by the rule of its node kind.
-  llm call       one backward-engine call: feedback for each trainable param it used (shown
-                 with its peers) and each traced upstream output, as one JSON object
-  function call  backward: pass -> the feedback goes unchanged to each traced input (no call)
-                 backward: route -> the backward engine splits it among the inputs
+hands feedback to its predecessors by the rule of its node kind (each kind's `backward` in
+autodiff_cli/nodes/, e.g. an llm call asks the backward engine once, a function call passes its
+feedback on or has it routed). This module owns what every kind shares: the walk, the canonical
+order in which feedback is combined, skip connections, the Gradient rows, and a BackwardContext
+through which rules make their backward-engine calls. A skipped call (its `when` was false) ran
+nothing and gets nothing.
+
 Calls of one example run as soon as every consumer of their output is done, so independent
 branches go concurrently. Feedback is always combined and shown in a canonical order
 (score, example id, topological index, call index), never in order of arrival.
@@ -20,16 +22,14 @@ from dataclasses import asdict, dataclass, field
 from difflib import SequenceMatcher
 from typing import Any
 
-from autodiff_cli.prompts import metaprompts
-from autodiff_cli.spec.compiler import Program, invocations
-from autodiff_cli.errors import ModelCallError
-from autodiff_cli.optim import demos
+from autodiff_cli.engine.program import Program
 from autodiff_cli.engine.trace import Call, Trace
-from autodiff_cli.grad.loss import Evaluation, _short
+from autodiff_cli.errors import ModelCallError
+from autodiff_cli.grad.loss import Evaluation
 
 log = logging.getLogger("autodiff.backward")
 
-NO_CHANGE = re.compile(r"\bno changes? (?:is |are )?needed\b", re.I)  # "No change needed." and variants
+NO_CHANGE = re.compile(r"\bno changes? (?:is |are )?needed\b", re.IGNORECASE)  # "No change needed." and variants
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ def _input_key(name: str) -> str:
 def parse_json_object(text: str) -> dict | None:
     """The first JSON object in a reply (tolerates ```json fences and surrounding prose)."""
     text = text.strip()
-    fenced = re.search(r"```(?:json)?\s*(\{.*?\})\s*```", text, re.S)
+    fenced = re.search(r"```(?:json)?\s*(\{.*?\})\s*```", text, re.DOTALL)
     candidates = [fenced.group(1)] if fenced else []
     start = text.find("{")
     if start >= 0:
@@ -114,6 +114,60 @@ def parse_json_object(text: str) -> dict | None:
     return None
 
 
+@dataclass
+class BackwardStep:
+    """What one call's backward rule gives: feedback for params it used and for the calls that fed it."""
+
+    params: list[tuple[str, str]] = field(default_factory=list)  # (param name, feedback)
+    upstream: list[tuple[str, str]] = field(default_factory=list)  # (source call id, feedback)
+
+
+class BackwardContext:
+    """What a node kind's backward rule sees of one example's backward pass: the trace, the loss's
+    evaluation, the trainable params and their specs, and `ask` for backward-engine calls."""
+
+    def __init__(self, engine: BackwardEngine, trace: Trace, evaluation: Evaluation, result: BackwardResult) -> None:
+        self.engine, self.trace, self.evaluation, self.result = engine, trace, evaluation, result
+
+    @property
+    def example_id(self) -> str:
+        return self.trace.example_id
+
+    @property
+    def trainable(self) -> set[str]:
+        return self.engine.trainable
+
+    @property
+    def param_specs(self) -> dict:
+        return self.engine.program.params
+
+    async def ask(self, call: Call, messages: list[dict], keys: list[str], diagnose: bool = False) -> dict[str, str] | None:
+        """One backward-engine call for `call`: a JSON object with a string for each of `keys` (and first a
+        `diagnosis` when asked). None when the call failed or the reply holds no object (counted in the
+        result's parse failures)."""
+        result = self.result
+        # the diagnosis comes first so the model reasons before it assigns blame
+        properties = {DIAGNOSIS: {"type": "string", "maxLength": 500}} if diagnose else {}
+        properties.update({k: {"type": "string", "maxLength": 600} for k in keys})
+        schema = {"type": "object", "properties": properties, "required": list(properties),
+                  "additionalProperties": False}
+        result.calls += 1
+        try:
+            reply = await self.engine.client.complete(self.engine.model_name, messages, role="backward",
+                                                      json_schema=schema)
+        except ModelCallError as e:
+            log.warning("backward call for %s failed: %s", call.id, e.message)
+            result.parse_failures += 1
+            result.call_errors.append(e.message)
+            return None
+        data = parse_json_object(reply.text)
+        if data is None:
+            log.warning("backward reply for %s is not a JSON object; no gradient from it", call.id)
+            result.parse_failures += 1
+            return None
+        return {k: str(v).strip() for k, v in data.items() if (k in keys or k == DIAGNOSIS) and v is not None}
+
+
 class BackwardEngine:
     def __init__(self, program: Program, client: Any, model_name: str, trainable: set[str]) -> None:
         self.program = program
@@ -125,11 +179,9 @@ class BackwardEngine:
             self.skips_from.setdefault(skip.from_, []).append(skip.to)
 
     def max_calls_per_example(self) -> int:
-        """The most backward-engine calls one example's trace can cost: one per llm invocation and one
-        per invocation of a routing function node (`backward: route` with several inputs)."""
-        return sum(times for node, times in invocations(self.program.scope)
-                   if node.kind == "llm" or (node.kind == "function" and node.spec.backward == "route"
-                                             and len(node.args) > 1))
+        """The most backward-engine calls one example's trace can cost: the sum of each node kind's bound
+        (an llm invocation costs one, a routing function one, a loop its body's times max_iters)."""
+        return sum(node.max_backward_calls() for node in self.program.scope.nodes.values())
 
     async def backward(self, trace: Trace, evaluation: Evaluation) -> BackwardResult:
         """Gradients for one failed example, in canonical order."""
@@ -146,12 +198,13 @@ class BackwardEngine:
             for source in {s for v in call.inputs.values() for s in v.sources}:
                 consumers.setdefault(source, []).append(call.id)
         done: dict[str, asyncio.Future] = {c.id: asyncio.get_running_loop().create_future() for c in trace.calls}
+        ctx = BackwardContext(self, trace, evaluation, result)
 
         async def visit(call: Call) -> None:
             try:
                 await asyncio.gather(*(done[c] for c in consumers.get(call.id, [])))
-                if received[call.id]:
-                    await self._visit(trace, evaluation, call, received, result)
+                if received[call.id] and not call.skipped:
+                    await self._visit(ctx, call, received)
             finally:
                 if not done[call.id].done():
                     done[call.id].set_result(None)
@@ -167,106 +220,20 @@ class BackwardEngine:
         unique = list(dict.fromkeys(texts))
         return unique[0] if len(unique) == 1 else "\n".join(f"({i}) {t}" for i, t in enumerate(unique, 1))
 
-    async def _visit(self, trace: Trace, ev: Evaluation, call: Call, received: dict, result: BackwardResult) -> None:
+    async def _visit(self, ctx: BackwardContext, call: Call, received: dict) -> None:
         feedback = self._combined(received[call.id])
         order = (call.topo_index, call.call_index, call.id)
+        result, trace, ev = ctx.result, ctx.trace, ctx.evaluation
         for param in self.skips_from.get(call.node, []):
             if param in self.trainable:
                 result.gradients.append(self._gradient(trace, ev, call, f"param:{param}", feedback))
-        if call.kind == "function":
-            node = self.program.node(call.node)
-            sources = {name: v.sources for name, v in call.inputs.items() if v.sources}
-            if not sources:
-                return
-            if node.spec.backward == "route" and len(sources) > 1:
-                routed = await self._route(trace, call, feedback, sources, result)
-            else:
-                routed = {name: feedback for name in sources}
-            for name, text in routed.items():
-                for source in sources[name]:
-                    received[source].append((order, text))
-                    result.gradients.append(self._gradient(trace, ev, call, f"call:{source}", text))
-            return
-        await self._llm(trace, ev, call, feedback, received, result, order)
-
-    async def _llm(self, trace: Trace, ev: Evaluation, call: Call, feedback: str, received: dict,
-                   result: BackwardResult, order: tuple) -> None:
-        params = [p for p in call.params if p in self.trainable]
-        upstream = {name: v for name, v in call.inputs.items() if v.sources}
-        if not params and not upstream:
-            return
-        keys = [{"key": _param_key(p), "description": f"the prompt parameter `{p}`"} for p in params]
-        keys += [{"key": _input_key(n), "description": f"the input `{n}` (output of {', '.join(v.sources)}): {_short(v.value, 600)}"}
-                 for n, v in upstream.items()]
-        spec_params = self.program.params
-        node_params = [{"name": p, "role": spec_params[p].role or _default_role(spec_params[p]), "value": value,
-                        "trainable": p in self.trainable} for p, value in call.params.items()
-                       if demos.in_prompt(spec_params[p], value)]
-        msgs = metaprompts.messages("backward_llm", failed=ev.failed, call_id=call.id, node=call.node, example_id=trace.example_id,
-                                    iteration=call.iteration, messages=call.messages or [], output=_short(call.output),
-                                    feedback=feedback, node_params=node_params, keys=keys)
-        reply = await self._ask(msgs, [k["key"] for k in keys], result, call, diagnose=True)
-        if reply is None:
-            return
-        diagnosis = reply.get(DIAGNOSIS, "")
-        blamed = {p: reply.get(_param_key(p), "") for p in params}
-        blamed = {p: t for p, t in blamed.items() if t and not NO_CHANGE.search(t)}
-        upstream_feedback = {n: reply.get(_input_key(n), "") for n in upstream}
-        upstream_feedback = {n: t for n, t in upstream_feedback.items()
-                             if t and not NO_CHANGE.search(t) and not echoes(t, upstream[n].value)}
-        upstream_blamed = bool(upstream_feedback)
-        if not blamed and diagnosis and not upstream_blamed:
-            # small models often diagnose the mistake yet blame nothing; the diagnosis still
-            # tells the optimizer what went wrong, so every trainable param of the call gets it
-            blamed = {p: "" for p in params}
-        for p, text in blamed.items():
-            text = f"{text} (Diagnosis: {diagnosis})" if text and diagnosis else (text or f"Diagnosis: {diagnosis}")
-            result.gradients.append(self._gradient(trace, ev, call, f"param:{p}", text))
-        for name, text in upstream_feedback.items():
-            for source in upstream[name].sources:
-                received[source].append((order, text))
-                result.gradients.append(self._gradient(trace, ev, call, f"call:{source}", text))
-
-    async def _route(self, trace: Trace, call: Call, feedback: str, sources: dict[str, list[str]],
-                     result: BackwardResult) -> dict[str, str]:
-        node = self.program.node(call.node)
-        keys = [{"key": _input_key(n), "description": f"output of {', '.join(s)}: {_short(call.inputs[n].value, 600)}"}
-                for n, s in sources.items()]
-        msgs = metaprompts.messages("backward_route", call_id=call.id, node=call.node, fn=node.fn_ref,
-                                    example_id=trace.example_id, iteration=call.iteration,
-                                    output=_short(call.output), feedback=feedback, keys=keys)
-        reply = await self._ask(msgs, [k["key"] for k in keys], result, call)
-        if reply is None:
-            return {}
-        return {n: reply[_input_key(n)] for n in sources
-                if reply.get(_input_key(n)) and not NO_CHANGE.search(reply[_input_key(n)])}
-
-    async def _ask(self, msgs: list[dict], keys: list[str], result: BackwardResult, call: Call,
-                   diagnose: bool = False) -> dict[str, str] | None:
-        # the diagnosis comes first so the model reasons before it assigns blame
-        properties = {DIAGNOSIS: {"type": "string", "maxLength": 500}} if diagnose else {}
-        properties.update({k: {"type": "string", "maxLength": 600} for k in keys})
-        schema = {"type": "object", "properties": properties, "required": list(properties),
-                  "additionalProperties": False}
-        result.calls += 1
-        try:
-            reply = await self.client.complete(self.model_name, msgs, role="backward", json_schema=schema)
-        except ModelCallError as e:
-            log.warning("backward call for %s failed: %s", call.id, e.message)
-            result.parse_failures += 1
-            result.call_errors.append(e.message)
-            return None
-        data = parse_json_object(reply.text)
-        if data is None:
-            log.warning("backward reply for %s is not a JSON object; no gradient from it", call.id)
-            result.parse_failures += 1
-            return None
-        return {k: str(v).strip() for k, v in data.items() if (k in keys or k == DIAGNOSIS) and v is not None}
+        step = await self.program.node(call.node).backward(call, feedback, ctx)
+        for param, text in step.params:
+            result.gradients.append(self._gradient(trace, ev, call, f"param:{param}", text))
+        for source, text in step.upstream:
+            received[source].append((order, text))
+            result.gradients.append(self._gradient(trace, ev, call, f"call:{source}", text))
 
     @staticmethod
     def _gradient(trace: Trace, ev: Evaluation, call: Call, target: str, text: str) -> Gradient:
         return Gradient(trace.example_id, ev.score, call.node, call.call_index, call.topo_index, target, text)
-
-
-def _default_role(spec) -> str:
-    return demos.ROLE if spec.kind == "demos" else "prompt"

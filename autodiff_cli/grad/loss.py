@@ -8,10 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from autodiff_cli.prompts import metaprompts
-from autodiff_cli.spec.compiler import Metric, Program
 from autodiff_cli.engine.forward import metric_inputs
+from autodiff_cli.engine.program import Metric, Program
 from autodiff_cli.engine.trace import Trace
+from autodiff_cli.prompts import metaprompts
 
 
 @dataclass

@@ -22,14 +22,21 @@ import json
 import os
 import re
 import socket
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from autodiff_cli.errors import DataError, UsageError
-from autodiff_cli.io.files import TMP_SUFFIX, atomic_write_bytes, jsonl_line, jsonl_rows, jsonl_text
+from autodiff_cli.io.files import (
+    TMP_SUFFIX,
+    atomic_write_bytes,
+    jsonl_line,
+    jsonl_rows,
+    jsonl_text,
+)
+
 _TRACE_FILE = re.compile(r"^step-(\d+)\.jsonl$")
 
 CONFIG = "config.yaml"
@@ -76,8 +83,8 @@ def _json(data: Any, *, indent: int | None = 2, default: Any = None) -> str:
 
 def run_dir_name(name: str, now: datetime | None = None) -> str:
     """`<name>-YYYYMMDD-HHMMSS` in UTC (a naive `now` is taken as UTC)."""
-    now = now or datetime.now(timezone.utc)
-    now = now.replace(tzinfo=timezone.utc) if now.tzinfo is None else now.astimezone(timezone.utc)
+    now = now or datetime.now(UTC)
+    now = now.replace(tzinfo=UTC) if now.tzinfo is None else now.astimezone(UTC)
     return f"{name}-{now:%Y%m%d-%H%M%S}"
 
 
@@ -99,7 +106,7 @@ class RunDir:
 
     @classmethod
     def create(cls, runs_dir: Path, name: str, *, config_path: Path, resolved: dict,
-               now: datetime | None = None) -> "RunDir":
+               now: datetime | None = None) -> RunDir:
         """Make a new `<runs_dir>/<name>-YYYYMMDD-HHMMSS[-n]` (race-free) with config.yaml and resolved.yaml."""
         runs_dir = Path(runs_dir)
         try:
@@ -121,7 +128,7 @@ class RunDir:
         return run
 
     @classmethod
-    def open(cls, path: Path) -> "RunDir":
+    def open(cls, path: Path) -> RunDir:
         """An existing run directory; anything else (no folder, a file, a folder `train` did not make)
         is a UsageError (exit 2)."""
         path = Path(path)

@@ -15,8 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+
 from autodiff_cli.errors import UsageError, redact_url, scrub_url_secret
 
 SIZE_LIMIT = 2 * 1024**3
@@ -105,7 +107,7 @@ class CallCache:
         return self._cache
 
 
-def open_cache(environ: Mapping[str, str] = os.environ) -> "CallCache | RedisCallCache":
+def open_cache(environ: Mapping[str, str] = os.environ) -> CallCache | RedisCallCache:
     """The call cache the environment selects: Redis at `$AUTODIFF_CACHE_URL` (checked now: a missing
     package or an unreachable server is a UsageError, exit 2), else the disk cache."""
     url = (environ.get(CACHE_URL_ENV) or "").strip()

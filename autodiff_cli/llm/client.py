@@ -7,11 +7,11 @@ that a retry cannot fix (auth, bad request, not found, context window). Every at
 When an attempt starts and what it counts as (see `_send`):
 
 - Its `timeout` runs from the moment its request is handed to the provider (litellm's pre-call
-  hook for HTTP providers; the handler starting on it for `fake/`, the model starting on it for
-  `local/`), not while litellm, the openai SDK or httpx import or build their clients, nor while a
-  local model loads or serves other calls. Before that moment the attempt waits at most its timeout
-  plus PRE_SEND_GRACE seconds (HTTP and `fake/`; a `local/` call waits for the model as long as the
-  calls before it take).
+  hook for HTTP providers; an in-process provider's handler starting on it: for `fake/` at once, for
+  `local/` when the model starts on it), not while litellm, the openai SDK or httpx import or build
+  their clients, nor while a local model loads or serves other calls. Before that moment the attempt
+  waits at most its timeout plus PRE_SEND_GRACE seconds (unless its provider `waits_for_model`: a
+  `local/` call waits for the model as long as the calls before it take).
 - An attempt whose request reached the provider is a usage `call` (an `error` too when it failed or
   timed out: the provider saw it, may bill it, and may still answer). One that never reached it —
   the connection was refused or not made (aiohttp/httpcore connect errors inside litellm's
@@ -24,6 +24,9 @@ When an attempt starts and what it counts as (see `_send`):
 - An attempt abandoned by its caller (early stop, budget, Ctrl-C) after its request was sent is a
   call (not an error; its reply and tokens are never known), so usage matches what the provider saw
   in every case; one abandoned before is not counted at all and its budget admission is given back.
+
+What differs between providers (resolving a config, its cache identity, cost, concurrency, endpoints)
+is asked of the config's provider (llm/providers/registry.py); nothing here tests a provider's name.
 """
 from __future__ import annotations
 
@@ -37,17 +40,20 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Callable, TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
-from autodiff_cli.errors import AutodiffError, ModelCallError, SpecError
-from autodiff_cli.llm import fake, local
+from autodiff_cli.errors import ModelCallError, SpecError
+from autodiff_cli.llm.cache import CallCache
 from autodiff_cli.llm.deployments import COOLDOWN_SECONDS, DeploymentPool
 from autodiff_cli.llm.priority import PrioritySemaphore
+from autodiff_cli.llm.providers.base import Target
+from autodiff_cli.llm.providers.gateway import load_litellm, unwatch_sends, watch_sends
+from autodiff_cli.llm.providers.registry import provider_for
 from autodiff_cli.llm.ratelimit import RateLimiter, estimate_tokens
-from autodiff_cli.llm.cache import CallCache
 from autodiff_cli.llm.usage import Usage
 
 if TYPE_CHECKING:
@@ -57,10 +63,8 @@ CACHE_FORMAT = 1
 MAX_RETRY_AFTER = 300.0
 ERROR_TEXT_LIMIT = 400
 PRE_SEND_GRACE = 60.0  # seconds an attempt may take to be sent, on top of its timeout (a cold start takes ~1-5 s)
-# What litellm's route for a provider imports only *after* handing the request over: the openai SDK
-# loads its resources on first use of `client.chat` (~1 s cold, blocking the event loop), which would
-# count in the first attempts' timeouts. Imported once, in a thread, before the first attempt of such a route.
-WARM_UP = {provider: "openai.resources" for provider in ("openai", "custom_openai", "azure", "text-completion-openai")}
+# Modules a provider's route imports only after its first request left (Provider.warm_up_module),
+# imported once, in a thread, before the first attempt of such a route.
 _warm_ups: dict[str, concurrent.futures.Future] = {}  # module -> its import (process-wide, whatever the loop)
 _warm_ups_lock = threading.Lock()
 
@@ -75,17 +79,6 @@ class Completion:
     cache_hit: bool
     model: str
     attempts: int  # attempts made, unsent ones included: 0 on a cache hit
-
-
-@dataclass(frozen=True)
-class Target:
-    """A model config resolved for calling."""
-
-    name: str
-    cfg: "ModelConfig"
-    provider: str  # "local", "fake", or litellm's provider prefix ("" when litellm infers it)
-    litellm_model: str
-    path: Path | None  # the GGUF file or the fake script
 
 
 class EmptyReply(Exception):
@@ -140,7 +133,7 @@ class Sends:
 class ModelClient:
     def __init__(
         self,
-        models: Mapping[str, "ModelConfig"],
+        models: Mapping[str, ModelConfig],
         *,
         config_dir: Path,
         usage: Usage,
@@ -168,7 +161,7 @@ class ModelClient:
         self._pool_of: dict[str, DeploymentPool | None] = {}  # config name -> its pool (None: one endpoint)
         self._warm_up_module: dict[str, str | None] = {}  # config name -> the module its route imports late
 
-    def add_model(self, name: str, cfg: "ModelConfig") -> None:
+    def add_model(self, name: str, cfg: ModelConfig) -> None:
         """Register a config the spec does not name (e.g. the default teacher: task at another temperature)."""
         self.models[name] = cfg
         self._targets.pop(name, None)
@@ -191,24 +184,9 @@ class ModelClient:
         if cfg is None:
             known = ", ".join(sorted(self.models)) or "none"
             raise SpecError(f"no model config named `{name}` (known: {known})", key=f"models.{name}")
-        provider, _, rest = cfg.model.partition("/")
-        try:
-            if provider == "local":
-                local.require_llama_cpp()
-                path = local.resolve_local_model(rest, base_dir=self.config_dir, environ=self.environ)
-                model = rest if rest in local.ALIASES else str(path)
-                return Target(name, cfg, "local", f"local/{model}", path)
-            if provider == "fake":
-                path = _absolute(rest, self.config_dir)
-                fake.load_script(path)
-                return Target(name, cfg, "fake", f"fake/{path}", path)
-        except AutodiffError as e:
-            if e.key is None and e.file is None:
-                e.key = f"models.{name}.model"
-            raise
-        return Target(name, cfg, provider if rest else "", cfg.model, None)
+        return provider_for(cfg.model).resolve(name, cfg, config_dir=self.config_dir, environ=self.environ)
 
-    def _api_key(self, cfg: "ModelConfig", name: str) -> str | None:
+    def _api_key(self, cfg: ModelConfig, name: str) -> str | None:
         if not cfg.api_key_env:
             return None
         key = self.environ.get(cfg.api_key_env)
@@ -306,9 +284,8 @@ class ModelClient:
 
     async def _attempt(self, target: Target, messages, response_format, api_key, sends: Sends,
                        tried: set[str] | None = None):
-        from autodiff_cli.llm.providers import load_litellm
-
         litellm = load_litellm()
+        target.provider.prepare(litellm)
         await self._warm_up(litellm, target)
         cfg = target.cfg
         kwargs: dict[str, Any] = dict(cfg.generation_params())
@@ -317,8 +294,7 @@ class ModelClient:
         if response_format is not None:
             kwargs["response_format"] = response_format
         pool = self._pool(target)
-        if cfg.api_base and target.provider not in ("local", "fake") and pool is None:
-            kwargs["api_base"] = cfg.api_base
+        kwargs.update(target.provider.call_kwargs(target))
         if api_key:
             kwargs["api_key"] = api_key
         async with self._semaphore(target):
@@ -326,7 +302,7 @@ class ModelClient:
                 return await self._pool_attempt(pool, litellm, kwargs, messages, sends, tried)
             limiter = self._limiter(target)
             grant = await limiter.acquire(estimate_tokens(messages, cfg.max_tokens)) if limiter else None
-            response = await self._send(litellm, kwargs, sends, pre_send=target.provider != "local")
+            response = await self._send(litellm, kwargs, sends, pre_send=not target.provider.waits_for_model)
             if grant is not None:
                 usage = getattr(response, "usage", None)
                 used = int(getattr(usage, "total_tokens", 0) or 0)
@@ -354,15 +330,7 @@ class ModelClient:
         """Import what the config's provider route would import after its first request was sent (WARM_UP),
         before any attempt of the route is sent, in a thread: calls of other routes in flight go on."""
         if target.name not in self._warm_up_module:
-            module = None
-            if target.provider not in ("local", "fake"):
-                base = target.cfg.api_base if isinstance(target.cfg.api_base, str) else None
-                try:
-                    provider = litellm.get_llm_provider(model=target.litellm_model, api_base=base)[1]
-                except Exception:  # noqa: BLE001 - litellm will say what is wrong with the model when called
-                    provider = None
-                module = WARM_UP.get(provider)
-            self._warm_up_module[target.name] = module
+            self._warm_up_module[target.name] = target.provider.warm_up_module(litellm, target)
         module = self._warm_up_module[target.name]
         if module is None:
             return
@@ -380,8 +348,6 @@ class ModelClient:
         SDK or building its HTTP client (seconds in a cold process, blocking the event loop). Waiting to
         be sent is bounded by timeout + PRE_SEND_GRACE unless `pre_send` is False (a `local/` call queues
         for its model behind other calls, each bounded by its own timeout)."""
-        from autodiff_cli.llm.providers import unwatch_sends, watch_sends
-
         timeout = kwargs["timeout"]
         watch_sends(sends.id, sends)
         task = asyncio.ensure_future(litellm.acompletion(**kwargs))
@@ -410,7 +376,7 @@ class ModelClient:
     def _pool(self, target: Target) -> DeploymentPool | None:
         """The deployments of a config whose api_base is a list (None for a single endpoint)."""
         if target.name not in self._pool_of:
-            deployments = target.cfg.deployments() if target.provider not in ("local", "fake") else None
+            deployments = target.provider.deployments(target.cfg)
             pool = None
             if deployments:
                 key = (target.litellm_model, tuple((d.url, d.concurrency, d.rpm, d.tpm) for d in deployments))
@@ -430,28 +396,13 @@ class ModelClient:
         usage = getattr(response, "usage", None)
         prompt = int(getattr(usage, "prompt_tokens", 0) or 0)
         completion = int(getattr(usage, "completion_tokens", 0) or 0)
-        return text, prompt, completion, self._cost(target, response)
-
-    def _cost(self, target: Target, response) -> float:
-        if target.provider in ("local", "fake"):
-            return 0.0
-        # litellm prices every reply once already (None: a model it has no price for); pricing it
-        # again cost ~5% of the client's CPU per call (benchmarks/RESULTS.md, the load figure)
-        hidden = getattr(response, "_hidden_params", None)
-        if isinstance(hidden, dict) and "response_cost" in hidden:
-            return float(hidden["response_cost"] or 0.0)
-        from autodiff_cli.llm.providers import load_litellm
-
-        try:
-            return float(load_litellm().completion_cost(completion_response=response) or 0.0)
-        except Exception:  # noqa: BLE001 - litellm does not know every model's price
-            return 0.0
+        return text, prompt, completion, target.provider.cost(target, response)
 
     async def _cache_payload(self, target: Target, messages, response_format, salt=None) -> dict:
         payload = {
             "v": CACHE_FORMAT,
-            "provider": target.provider,
-            "model": await self._identity(target),
+            "provider": target.key_name,
+            "model": await target.provider.identity(target, self.environ),
             "messages": messages,
             "params": target.cfg.generation_params(),
             "response_format": response_format,
@@ -459,16 +410,6 @@ class ModelClient:
         if salt is not None:
             payload["salt"] = salt
         return payload
-
-    async def _identity(self, target: Target) -> dict:
-        if target.provider == "local":
-            digest = await asyncio.to_thread(local.model_identity, target.path, environ=self.environ)
-            return {"gguf_sha256": digest, "n_ctx": local.N_CTX}
-        if target.provider == "fake":
-            return {"script_sha256": fake.script_identity(target.path)}
-        if isinstance(target.cfg.api_base, list):  # the same model whichever deployment serves the call
-            return {"model": target.cfg.model, "deployments": True}
-        return {"model": target.cfg.model, "api_base": target.cfg.api_base}
 
     def _limiter(self, target: Target) -> RateLimiter | None:
         """The config's rpm/tpm window (None without limits); shared by all its calls."""
@@ -483,7 +424,7 @@ class ModelClient:
         loop = asyncio.get_running_loop()
         held = self._semaphores.get(target.name)
         if held is None or held[0] is not loop:  # semaphores belong to one event loop
-            held = (loop, PrioritySemaphore(self.concurrency or target.cfg.capacity()))
+            held = (loop, PrioritySemaphore(target.provider.concurrency(target.cfg, self.concurrency)))
             self._semaphores[target.name] = held
         return held[1]
 
@@ -527,8 +468,6 @@ def is_retryable(error: Exception) -> bool:
     """Rate limits, timeouts, connection errors, 5xx and empty replies are worth another attempt."""
     if isinstance(error, (EmptyReply, TimeoutError, NotSent)):
         return True
-    from autodiff_cli.llm.providers import load_litellm
-
     litellm = load_litellm()
     never = (litellm.ContextWindowExceededError, litellm.AuthenticationError, litellm.PermissionDeniedError,
              litellm.NotFoundError, litellm.BadRequestError, litellm.UnprocessableEntityError)
@@ -624,8 +563,3 @@ def scrub(text: str, secret: str | None) -> str:
     if secret and len(secret) >= MIN_SECRET_CHARS:
         text = text.replace(secret, "***")
     return text
-
-
-def _absolute(path: str, base: Path) -> Path:
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else (base / p).resolve()

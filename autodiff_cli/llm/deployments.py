@@ -27,8 +27,9 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING
 
 from autodiff_cli.llm.ratelimit import Grant, RateLimiter
 
@@ -66,7 +67,7 @@ class Lease:
 class DeploymentPool:
     """The deployments of one model; shared by every model config that lists the same ones."""
 
-    def __init__(self, model: str, deployments: Iterable["Deployment"], *, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, model: str, deployments: Iterable[Deployment], *, clock: Callable[[], float] = time.monotonic,
                  rng: random.Random | None = None) -> None:
         self.model = model
         self.clock = clock

@@ -1,4 +1,6 @@
-r"""The scripted fake model `fake/<path to a script file>`, served through litellm like any provider.
+r"""The scripted fake model behind `fake/<path to a script file>` (the provider, served through litellm
+like any other, is autodiff_cli/llm/providers/fake.py; tests/support/fake_server.py serves the same
+scripts over HTTP).
 
 Tests and dry runs use it to exercise the same code path as real runs (litellm, retries, cache,
 usage) with no model at all. The script is YAML:
@@ -21,29 +23,27 @@ usage) with no model at all. The script is YAML:
     default: "I don't know."     # reply when no rule matches; omitted: echo the last user message
     latency: 0.0                 # seconds of simulated latency per call
 
-Errors are raised as litellm's own exception classes, so the client's retry logic sees exactly
-what a real provider would raise; `empty` replies ''. Only `{0}`-style, `{user}` and `{system}`
-placeholders are replaced, so replies may contain JSON braces. Token usage is a deterministic
-count of whitespace-separated words. `fail_times` and `replies` counters are per (script,
+Errors are raised as litellm's own exception classes (by the provider, providers/fake.py), so the
+client's retry logic sees exactly what a real provider would raise; `empty` replies ''. Only
+`{0}`-style, `{user}` and `{system}` placeholders are replaced, so replies may contain JSON braces.
+Token usage is a deterministic count of whitespace-separated words. `fail_times` and `replies` counters are per (script,
 messages) and per process (a cached reply never reaches the script, so it does not count).
 """
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import hashlib
 import json
 import re
 import threading
-import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import yaml
 
 from autodiff_cli.errors import ModelNotFound, SpecError
-from autodiff_cli.llm.providers import request_sent
 
 ERROR_KINDS = ("429", "500", "503", "400", "timeout", "connection", "context_length", "auth", "empty")
 WHERE = ("user", "system", "all")
@@ -71,7 +71,7 @@ class Script:
 
 
 class ScriptedError(Exception):
-    """A scripted failure, turned into a litellm exception by the handler."""
+    """A scripted failure: a litellm exception from the `fake/` provider, an HTTP error from the fake server."""
 
     def __init__(self, kind: str, retry_after: float | None) -> None:
         super().__init__(kind)
@@ -131,81 +131,34 @@ def fake_stats(path: str | Path) -> dict[str, int]:
         return dict(_stats.get(str(Path(path)), {"calls": 0, "in_flight": 0, "max_in_flight": 0}))
 
 
+def prompt_tokens(messages: list[dict]) -> int:
+    """The prompt tokens of a request: words of every message's content."""
+    return sum(count_tokens(_content(m)) for m in messages)
+
+
+@contextlib.contextmanager
+def counted_call(path: str | Path) -> Iterator[None]:
+    """Count one call of a script as seen and in flight while it lasts (`fake_stats`)."""
+    _enter(str(Path(path)))
+    try:
+        yield
+    finally:
+        _leave(str(Path(path)))
+
+
+def reset_script_counters(path: str | Path) -> None:
+    """Forget which messages a script's `fail_times` and `replies` rules have seen (one script only)."""
+    script = str(Path(path))
+    with _lock:
+        for key in [k for k in _attempts if k[0] == script or k[0].startswith(script + "#replies:")]:
+            del _attempts[key]
+
+
 def reset_fake_state() -> None:
     with _lock:
         _attempts.clear()
         _stats.clear()
         _parsed.clear()
-
-
-def make_handler(litellm: ModuleType):
-    """The litellm CustomLLM for the `fake` provider (built here so this module never imports litellm)."""
-
-    class FakeHandler(litellm.CustomLLM):
-        def completion(self, model, messages, model_response, **kwargs):
-            request_sent(getattr(kwargs.get("logging_obj"), "litellm_call_id", None))  # the "provider" has it now
-            script = _script_for(litellm, model)
-            time.sleep(script.latency)
-            return _answer(litellm, script, model, messages, model_response)
-
-        async def acompletion(self, model, messages, api_base, custom_prompt_dict, model_response, print_verbose,
-                              encoding, api_key, logging_obj, optional_params, **kwargs):
-            request_sent(getattr(logging_obj, "litellm_call_id", None))  # the "provider" has it now
-            script = _script_for(litellm, model)
-            path = str(Path(model))
-            _enter(path)
-            try:
-                if script.latency:
-                    await asyncio.sleep(script.latency)
-                return _answer(litellm, script, model, messages, model_response)
-            finally:
-                _leave(path)
-
-    return FakeHandler()
-
-
-def _script_for(litellm: ModuleType, model: str) -> Script:
-    try:
-        return load_script(model)
-    except (ModelNotFound, SpecError) as e:
-        raise litellm.NotFoundError(str(e), model=model, llm_provider="fake") from None
-
-
-def _answer(litellm: ModuleType, script: Script, model: str, messages: list[dict], model_response):
-    try:
-        text = respond(script, messages)
-    except ScriptedError as e:
-        raise _litellm_error(litellm, e, model) from None
-    prompt = sum(count_tokens(_content(m)) for m in messages)
-    model_response.model = f"fake/{model}"
-    model_response.choices[0].message.content = text
-    model_response.usage = litellm.Usage(
-        prompt_tokens=prompt, completion_tokens=count_tokens(text), total_tokens=prompt + count_tokens(text)
-    )
-    return model_response
-
-
-def _litellm_error(litellm: ModuleType, e: ScriptedError, model: str) -> Exception:
-    import httpx  # a litellm dependency
-
-    common = {"model": model, "llm_provider": "fake"}
-    message = f"scripted {e.kind} error"
-    if e.kind == "429":
-        headers = {"retry-after": str(e.retry_after)} if e.retry_after is not None else {}
-        return litellm.RateLimitError(message, response=httpx.Response(429, headers=headers), **common)
-    if e.kind == "500":
-        return litellm.InternalServerError(message, **common)
-    if e.kind == "503":
-        return litellm.ServiceUnavailableError(message, **common)
-    if e.kind == "400":
-        return litellm.BadRequestError(message, **common)
-    if e.kind == "timeout":
-        return litellm.Timeout(message, **common)
-    if e.kind == "connection":
-        return litellm.APIConnectionError(message, **common)
-    if e.kind == "context_length":
-        return litellm.ContextWindowExceededError(message, **common)
-    return litellm.AuthenticationError(message, **common)
 
 
 def _read(path: Path) -> bytes:

@@ -1,4 +1,5 @@
-"""The embedded provider `local/<alias or path to .gguf>`: llama-cpp-python, in-process.
+"""The embedded model behind `local/<alias or path to .gguf>`: llama-cpp-python, in-process (the
+provider, served through litellm, is autodiff_cli/llm/providers/local.py).
 
 One `Llama` is loaded per file and kept for the process; calls to it are serialised by a lock
 and run in a worker thread so the event loop stays free. JSON-schema response formats become
@@ -6,22 +7,19 @@ llama.cpp grammars, so even small models produce replies that parse.
 """
 from __future__ import annotations
 
-import asyncio
 import atexit
 import hashlib
 import importlib.util
 import json
 import os
 import threading
-from functools import partial
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import ModuleType
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from autodiff_cli.errors import ModelNotFound
 from autodiff_cli.io.files import atomic_write_text
 from autodiff_cli.llm.cache import cache_root, ensure_private_dir
-from autodiff_cli.llm.providers import request_sent
 
 N_CTX = 8192
 DEFAULT_MAX_TOKENS = 1024
@@ -298,60 +296,3 @@ def _plain_messages(messages: list[dict]) -> list[dict]:
             content = "\n".join(p.get("text", "") for p in content if isinstance(p, dict))
         plain.append({"role": m.get("role", "user"), "content": "" if content is None else str(content)})
     return plain
-
-
-def make_handler(litellm: ModuleType):
-    """The litellm CustomLLM for the `local` provider (built here so this module never imports litellm)."""
-    class LocalHandler(litellm.CustomLLM):
-        def completion(self, model, messages, model_response, optional_params=None, **kwargs):
-            path = _resolve_for_litellm(litellm, model)
-            started = partial(request_sent, getattr(kwargs.get("logging_obj"), "litellm_call_id", None))
-            result = _run(litellm, model, lambda: generate(path, messages, optional_params or {}, on_start=started))
-            return _fill_response(litellm, model, result, model_response)
-
-        async def acompletion(self, model, messages, api_base, custom_prompt_dict, model_response, print_verbose,
-                              encoding, api_key, logging_obj, optional_params, **kwargs):
-            path = _resolve_for_litellm(litellm, model)
-            abort = CallAbort()
-            started = partial(request_sent, getattr(logging_obj, "litellm_call_id", None))
-            try:
-                result = await asyncio.to_thread(_run, litellm, model,
-                                                 lambda: generate(path, messages, optional_params, abort, started))
-            except asyncio.CancelledError:
-                # nobody will read this reply: free the model now instead of generating up to
-                # max_tokens (an early stop or Ctrl-C would wait for it)
-                abort.request()
-                raise
-            return _fill_response(litellm, model, result, model_response)
-
-    return LocalHandler()
-
-
-def _resolve_for_litellm(litellm: ModuleType, model: str) -> Path:
-    try:
-        require_llama_cpp()
-        return resolve_local_model(model)
-    except ModelNotFound as e:
-        raise litellm.NotFoundError(e.render(), model=model, llm_provider="local") from None
-
-
-def _run(litellm: ModuleType, model: str, call) -> dict:
-    try:
-        return call()
-    except ValueError as e:
-        if "context window" in str(e):
-            raise litellm.ContextWindowExceededError(str(e), model=model, llm_provider="local") from None
-        raise
-
-
-def _fill_response(litellm: ModuleType, model: str, result: dict, model_response):
-    choice = (result.get("choices") or [{}])[0]
-    usage = result.get("usage") or {}
-    model_response.model = f"local/{model}"
-    model_response.choices[0].message.content = (choice.get("message") or {}).get("content") or ""
-    if choice.get("finish_reason"):
-        model_response.choices[0].finish_reason = choice["finish_reason"]
-    prompt, completion = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
-    model_response.usage = litellm.Usage(prompt_tokens=prompt, completion_tokens=completion,
-                                         total_tokens=prompt + completion)
-    return model_response

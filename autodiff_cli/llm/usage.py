@@ -5,7 +5,9 @@ import json
 from pathlib import Path
 from typing import IO, Any
 
-from autodiff_cli.spec.models import ROLES
+# The roles under which model usage is accounted (summary.json lists all four); specs name them too.
+ROLES = ("task", "backward", "optimizer", "teacher")
+
 
 # Key order of one role's entry; to_dict() always emits it in this order (`unsent` was added last:
 # older summaries and checkpoints lack it, and from_dict reads them as 0).
@@ -47,7 +49,7 @@ class Usage:
             self._journal = None
 
     @classmethod
-    def from_journal(cls, path: Path) -> "Usage | None":
+    def from_journal(cls, path: Path) -> Usage | None:
         """The usage a journal adds up to, or None when there is none. A line cut short by a crash (only the
         last one can be) is skipped."""
         try:
@@ -100,7 +102,7 @@ class Usage:
     def total_cost(self) -> float:
         return sum(e["cost_usd"] for e in self._roles.values())
 
-    def add(self, other: "Usage") -> "Usage":
+    def add(self, other: Usage) -> Usage:
         """Add `other`'s counters to this one (in place); returns self."""
         for role, entry in other._roles.items():
             self.record(role, **entry)
@@ -110,13 +112,13 @@ class Usage:
         return {role: {f: self._roles[role][f] for f in FIELDS} for role in ROLES}
 
     @classmethod
-    def from_dict(cls, data: dict[str, dict[str, Any]] | None) -> "Usage":
+    def from_dict(cls, data: dict[str, dict[str, Any]] | None) -> Usage:
         usage = cls()
         for role, entry in (data or {}).items():
             usage.record(role, **{f: entry[f] for f in FIELDS if f in entry})
         return usage
 
-    def copy(self) -> "Usage":
+    def copy(self) -> Usage:
         return Usage.from_dict(self.to_dict())
 
     def __eq__(self, other: object) -> bool:

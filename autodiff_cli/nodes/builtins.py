@@ -12,16 +12,30 @@ import json
 import os
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from autodiff_cli.errors import DataError, SpecError
 
 __all__ = [
-    "last_integer", "answer_after", "label", "json_field", "bm25", "dedup_extend", "join",
-    "react_act", "react_answer", "REACT_ACTIONS",
-    "Builtin", "BUILTINS", "resolve_function", "bm25_cache_info", "bm25_cache_clear",
+    "BUILTINS",
+    "REACT_ACTIONS",
+    "Builtin",
+    "answer_after",
+    "bm25",
+    "bm25_cache_clear",
+    "bm25_cache_info",
+    "dedup_extend",
+    "first_of",
+    "join",
+    "json_field",
+    "label",
+    "last_integer",
+    "react_act",
+    "react_answer",
+    "resolve_function",
 ]
 
 
@@ -384,6 +398,12 @@ def join(items: Any = None, sep: str = "\n\n") -> str:
     return str(sep).join(str(item) for item in _as_list(items) if item is not None)
 
 
+def first_of(default: Any = None, **values: Any) -> Any:
+    """The first of `values` (in the order `args` lists them) that is not None, else `default`: joins
+    branches of which one ran, since a node skipped by its `when` outputs None."""
+    return next((value for value in values.values() if value is not None), default)
+
+
 # --- ReAct agent ---------------------------------------------------------------------------
 
 REACT_ACTIONS = ("search", "lookup", "finish")
@@ -509,6 +529,7 @@ BUILTINS: dict[str, Builtin] = {
     "bm25": Builtin(bm25, frozenset({"corpus"})),
     "dedup_extend": Builtin(dedup_extend),
     "join": Builtin(join),
+    "first_of": Builtin(first_of),
     "react_act": Builtin(react_act, frozenset({"corpus"})),
     "react_answer": Builtin(react_answer),
 }

@@ -12,8 +12,9 @@ import re
 import string
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from autodiff_cli.errors import SpecError, describe_exception
 

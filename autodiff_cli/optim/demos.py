@@ -25,13 +25,22 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from autodiff_cli.optim.base import (
+    Candidate,
+    NoCandidate,
+    Optimizer,
+    OptimizerEnv,
+    Plan,
+    StepContext,
+)
+from autodiff_cli.optim.policies import TwoStage
+
 DEFAULT_SHOTS = 3
 TEACHER_TRIES = 3
 TEACHER_TEMPERATURE = 0.7
 BASE_WEIGHT = 0.1  # every candidate keeps a chance; teacher-pass/student-fail ones weigh 11x more
 UNKNOWN_STUDENT = 0.5  # student score assumed for an example the student has not been scored on
 MAX_DRAWS = 20  # redraws before giving up on finding a demo set not tried yet
-ROLE = "few-shot demonstrations (worked examples)"
 
 
 @dataclass(frozen=True)
@@ -43,12 +52,6 @@ class DemoParam:
     label: str | None  # the example field holding the expected answer (raw demos); None: no raw demos
 
 
-def in_prompt(spec: Any, value: str) -> bool:
-    """Whether a param shows in its prompt: an empty demos block does not (so it is not shown to the
-    backward engine or the optimizer as part of the prompt either)."""
-    return bool(value) or spec.kind != "demos"
-
-
 def demo_params(program: Any) -> dict[str, DemoParam]:
     """Every `kind: demos` param of a compiled program (the compiler checked each has one llm node)."""
     label = _label_field(program)
@@ -56,7 +59,7 @@ def demo_params(program: Any) -> dict[str, DemoParam]:
     for name, spec in program.params.items():
         if spec.kind != "demos":
             continue
-        node = next(n for n in program.all_nodes() if n.kind == "llm" and name in n.params)
+        node = next(n for n in program.all_nodes() if n.reads_demos and name in n.params)
         if spec.fields is not None:
             fields = tuple(spec.fields)
         else:
@@ -166,7 +169,7 @@ class Teacher:
         self.client = client
         self.threshold = fail_threshold
         spec = program.spec
-        node_models = sorted({n.model for n in program.all_nodes() if n.kind == "llm"})
+        node_models = sorted({m for n in program.all_nodes() for m in n.models()})
         if name is not None:
             self.models = {m: name for m in node_models}
             temperature = spec.models[name].temperature
@@ -208,3 +211,85 @@ def _outputs(trace: Any, params: list[DemoParam]) -> dict[str, Any]:
         if call is not None and call.output is not None:
             out[p.name] = call.output
     return out
+
+
+# ---------------------------------------------------------------- the optimizer
+
+
+class DemoBootstrap(Optimizer):
+    """Few-shot demos (DSPy's BootstrapFewShot, with the paper's weighting): on its steps, a teacher
+    runs the minibatch and the failed pool's examples it has not seen; each proposal is a weighted
+    sample of demo sets for the trainable demos params. Its candidates are always validated (two
+    stages), whatever the mode: a demo set is never taken blind."""
+
+    name = "demos"
+    param_kind = "demos"
+    step_kind = "demos"
+
+    def __init__(self, env: OptimizerEnv, options=None) -> None:
+        super().__init__(env, options)
+        self.params = demo_params(env.program)
+        self.teacher_runs: dict[str, dict] = {}  # example id -> {tries, score, outputs}
+        self.student_scores: dict[str, float] = {}  # example id -> its latest training score
+        self._teacher: Teacher | None = None
+
+    @property
+    def teacher(self) -> Teacher:
+        if self._teacher is None:
+            cfg = self.env.cfg
+            self._teacher = Teacher(self.env.program, self.env.client, cfg.teacher, cfg.fail_threshold)
+        return self._teacher
+
+    def observe(self, entries: list) -> None:
+        for entry in entries:
+            self.student_scores[entry.example.id] = entry.score
+
+    async def begin_step(self, ctx: StepContext) -> str | None:
+        self.targets = self.trainable()
+        if not self.targets:
+            return "no trainable demos parameter"
+        examples = self.env.examples
+        pending = list({e.id: e for e in ctx.batch + [examples[i] for i in ctx.state.failed_pool]
+                        if e.id not in self.teacher_runs}.values())
+        if pending:
+            self.env.on_phase("bootstrap", {"step": ctx.step, "examples": len(pending), "tries": self.teacher.tries})
+            runs = await self.teacher.run(pending, ctx.values, [self.params[p] for p in self.targets])
+            self.teacher_runs.update(runs)
+            ctx.trace_rows += [{"kind": "teacher", "step": ctx.step, "example_id": i, **r} for i, r in sorted(runs.items())]
+        return None
+
+    async def propose(self, ctx: StepContext) -> Candidate | NoCandidate:
+        targets = self.targets
+        changing = targets if self.env.cfg.propose == "joint" else [targets[(ctx.attempt - 1) % len(targets)]]
+        new: dict[str, str] = {}
+        ids: dict[str, dict[str, list[str]]] = {}
+        for p in changing:
+            tried = {r.params[p] for r in ctx.rejected if p in r.params}
+            picked = propose(self.params[p], seed=self.env.cfg.seed, step=ctx.step, attempt=ctx.attempt,
+                             teacher=self.teacher_runs, student=self.student_scores, examples=self.env.examples,
+                             current=ctx.values[p], tried=tried)
+            if picked is not None:
+                new[p], ids[p] = picked
+                ctx.trace_rows.append({"kind": "demos", "step": ctx.step, "attempt": ctx.attempt, "param": p,
+                                       "ids": ids[p], "value": new[p]})
+        if not new:
+            return NoCandidate("no demo set left to try (no new bootstrapped or labelled examples)")
+        return Candidate(new, demo_ids=ids)
+
+    def acceptance(self, mode):
+        return TwoStage()
+
+    def max_proposals(self, mode) -> int:
+        return self.env.cfg.max_proposals
+
+    def state_dict(self) -> dict:
+        return {"teacher": self.teacher_runs, "student_scores": self.student_scores}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.teacher_runs = dict(state.get("teacher") or {})
+        self.student_scores = dict(state.get("student_scores") or {})
+
+    def max_calls(self, plan: Plan, mode) -> dict[str, int]:
+        # each training example seen by the run (minibatches, pools) is bootstrapped once, up to its tries
+        examples = min(plan.n_train, plan.total_steps * plan.batch_size) if plan.steps else 0
+        return {"teacher": examples * plan.per_example_calls * (self.teacher.tries if plan.steps else 0)}

@@ -13,6 +13,7 @@ copies the optimizer's own instructions is rejected (see `leaks_meta_prompt`).
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -23,7 +24,25 @@ from typing import Any
 
 from jinja2 import Environment, TemplateSyntaxError
 
+from autodiff_cli.errors import ModelCallError
+from autodiff_cli.optim.base import (
+    Candidate,
+    NoCandidate,
+    Optimizer,
+    OptimizerEnv,
+    Plan,
+    StepContext,
+)
+from autodiff_cli.optim.guards import (
+    COPY_WORDS,
+    copied_span,
+    diagnosis_of,
+    ngrams,
+    shared_run,
+    words,
+)
 from autodiff_cli.prompts import metaprompts
+from autodiff_cli.spec.params import DEMOS_ROLE, in_prompt
 
 log = logging.getLogger("autodiff.optimizer")
 
@@ -121,6 +140,7 @@ class Proposal:
     reason: str  # why there is no value; with a value, the optimizer's own reasoning
     method: str | None
     raw: str  # the optimizer's whole reply, kept for the logs
+    refused: str | None = None  # a value refused because it copies an example or a diagnosis (see `reason`)
 
 
 # --- rendering ---------------------------------------------------------------------------------
@@ -258,7 +278,7 @@ def parse_proposal(raw: str) -> tuple[str | None, str | None, str]:
     return None, None, "unparseable reply: no JSON object with `new_value` and no <NEW_VALUE> block"
 
 
-_VALUE_TAG = re.compile(r"^\s*<VALUE>\s*|\s*</VALUE>\s*$", re.I)
+_VALUE_TAG = re.compile(r"^\s*<VALUE>\s*|\s*</VALUE>\s*$", re.IGNORECASE)
 
 
 def _unwrap(value: str) -> str:
@@ -304,14 +324,6 @@ def _method(value: Any) -> str | None:
 # --- leaks of the meta-prompt ------------------------------------------------------------------
 
 
-def _words(text: str) -> list[str]:
-    return re.findall(r"[^\W_]+", text.lower())
-
-
-def _ngrams(words: list[str], n: int) -> set[tuple[str, ...]]:
-    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
-
-
 def _template_texts() -> tuple[str, ...]:
     folder = resources.files("autodiff_cli.prompts")
     return tuple(entry.read_text(encoding="utf-8") for entry in sorted(folder.iterdir(), key=lambda e: e.name)
@@ -341,7 +353,7 @@ def _static_ngrams(source: str, n: int) -> frozenset[tuple[str, ...]]:
         chunks.append("".join(current))
     grams: set[tuple[str, ...]] = set()
     for chunk in chunks:
-        grams |= _ngrams(_words(chunk), n)
+        grams |= ngrams(words(chunk), n)
     return frozenset(grams)
 
 
@@ -351,21 +363,28 @@ def leaks_meta_prompt(value: str, n: int = LEAK_WORDS, *, ignore: str | None = N
 
     Runs that also occur in `ignore` (e.g. the parameter's current value) are not leaks.
     """
-    words = _words(value)
-    if len(words) < n:
-        return None
     static: set[tuple[str, ...]] = set()
     for source in _template_texts():
         static |= _static_ngrams(source, n)
-    allowed = _ngrams(_words(ignore), n) if ignore else set()
-    for i in range(len(words) - n + 1):
-        run = tuple(words[i:i + n])
-        if run in static and run not in allowed:
-            return " ".join(run)
-    return None
+    return shared_run(value, static, n, ngrams(words(ignore), n) if ignore else frozenset())
 
 
 # --- one proposal ------------------------------------------------------------------------------
+
+
+def copy_sources(request: ProposalRequest) -> dict[str, str]:
+    """What a proposal must not paste: each shown example's inputs and target, and each diagnosis."""
+    sources: dict[str, str] = {}
+    for s in request.samples:
+        for name, value in sorted(s.inputs.items()) if isinstance(s.inputs, dict) else []:
+            sources[f"training example {s.example_id}'s {name}"] = _show(value)
+        if s.target is not None:
+            sources[f"training example {s.example_id}'s target"] = _show(s.target)
+    for f in request.feedback:
+        diagnosis = diagnosis_of(f.feedback)
+        if diagnosis:
+            sources.setdefault(f"the diagnosis of example {f.example_id}", diagnosis)
+    return sources
 
 
 def _same(a: str, b: str) -> bool:
@@ -397,7 +416,114 @@ async def propose(client, model_name: str, request: ProposalRequest, *, salt: st
     if leaked is not None:
         return Proposal(name, None, f"shares {LEAK_WORDS} words with the optimizer's instructions: \"{leaked}\"",
                         method, raw)
+    copied = copied_span(value, copy_sources(request), ignore=[p.value for p in (request.param, *request.peers,
+                                                                                 *request.others)])
+    if copied is not None:
+        source, run = copied
+        return Proposal(name, None, f"refused: it copies {COPY_WORDS} words of {source} (\"{run}\"); "
+                                    "write a rule that holds for every example instead", method, raw, refused=value)
     for failed in request.failed:
         if name in failed.values and _same(value, failed.values[name]):
             return Proposal(name, None, "identical to a failed proposal of this step", method, raw)
     return Proposal(name, value, reason, method, raw)
+
+
+# --- the optimizer -----------------------------------------------------------------------------
+
+OPTIMIZER_CALL_FAILED = "optimizer call failed"  # a proposal's reason when its call failed after retries
+
+
+def param_role(spec) -> str | None:
+    """The role shown for a param whose spec gives none (a demos param has a standard one)."""
+    return DEMOS_ROLE if spec.kind == "demos" else None
+
+
+class GDPO(Optimizer):
+    """The paper's optimizer: per step, a new value for each prompt param that received feedback
+    (no_gradient mode: that the failed examples used), one optimizer call per param and proposal;
+    `train.propose: joint` changes them all in one proposal, `one_at_a_time` one per proposal."""
+
+    name = "gdpo"
+    param_kind = "prompt"
+    step_kind = "text"
+    uses_gradients = True
+
+    def __init__(self, env: OptimizerEnv, options=None) -> None:
+        super().__init__(env, options)
+        self._unusable: dict[str, int] = {}
+        self._calls: int = 0
+        self._errors: list[str] = []
+
+    async def begin_step(self, ctx: StepContext) -> str | None:
+        self._unusable, self._calls, self._errors = {}, 0, []
+        trainable = set(self.trainable())
+        order = list(self.env.program.params)
+        if ctx.with_gradients:
+            with_feedback = {g.target.removeprefix("param:") for g in ctx.gradients if g.target.startswith("param:")}
+            self.targets = [p for p in order if p in trainable and p in with_feedback]
+        else:  # the optimizer sees samples only: the params the failed examples used
+            used = {p for e in ctx.failed for c in e.trace.calls for p in c.params}
+            self.targets = [p for p in order if p in trainable and p in used]
+        return None if self.targets else "no parameter received feedback"
+
+    async def propose(self, ctx: StepContext) -> Candidate | NoCandidate:
+        targets = self.targets
+        changing = targets if self.env.cfg.propose == "joint" else [targets[(ctx.attempt - 1) % len(targets)]]
+        # A proposal with no value (unparseable, unchanged, ...) leaves the next request identical:
+        # a salt then makes it a new call instead of a cache hit of the same unusable reply.
+        proposals = await asyncio.gather(*(
+            self._propose(self.request(ctx, p), salt=f"again-{self._unusable[p]}" if self._unusable.get(p) else None)
+            for p in changing))
+        for p in proposals:
+            if p.value is None:
+                self._unusable[p.param] = self._unusable.get(p.param, 0) + 1
+            if p.reason.startswith(OPTIMIZER_CALL_FAILED):
+                self._errors.append(p.reason)
+        self._calls += len(proposals)
+        ctx.trace_rows += [{"kind": "proposal", "step": ctx.step, "attempt": ctx.attempt, "param": p.param,
+                            "value": p.value, "method": p.method, "reason": p.reason, "raw": p.raw} for p in proposals]
+        refused = {p.param: p.refused for p in proposals if p.refused is not None}
+        if refused:  # the whole proposal: its other values were written with the copy in mind
+            return NoCandidate("; ".join(p.reason for p in proposals if p.refused is not None), values=refused)
+        new = {p.param: p.value for p in proposals if p.value is not None}
+        if not new:
+            return NoCandidate("no usable proposal: " + "; ".join(p.reason for p in proposals))
+        return Candidate(new)
+
+    def step_call_errors(self) -> tuple[list[str], int]:
+        return list(self._errors), self._calls
+
+    async def _propose(self, request: ProposalRequest, salt: str | None = None) -> Proposal:
+        try:
+            return await propose(self.env.client, self.env.optimizer_model, request, salt=salt)
+        except ModelCallError as e:  # counted in usage; this attempt just has no proposal
+            return Proposal(request.param.name, None, f"{OPTIMIZER_CALL_FAILED}: {e.message}", None, "")
+
+    def request(self, ctx: StepContext, param: str) -> ProposalRequest:
+        """Everything the meta-prompt shows for `param`, from the step's context."""
+        program, state, cfg = self.env.program, ctx.state, self.env.cfg
+        specs = program.params
+        trainable = set(self.trainable())
+        values = ctx.base  # the values the step started from (a population's parent, else the current ones)
+        view = lambda n: ParamView(n, values[n], specs[n].role or param_role(specs[n]))
+        peers = sorted({p for node in program.all_nodes() if param in node.params for p in node.params
+                        if in_prompt(specs[p], values[p])} - {param})
+        others = [p for p in specs if p in trainable and p != param and p not in peers]
+        feedback = [FeedbackItem(g.example_id, g.score, g.node, g.call_index, g.topo_index, g.feedback)
+                    for g in ctx.gradients if g.target == f"param:{param}"]
+        inputs = sorted(program.input_fields)
+        samples = sorted((SampleView(e.example.id, {f: e.example.fields.get(f) for f in inputs}, e.trace.output,
+                                     ctx.evaluations[e.example.id].target, e.score) for e in ctx.subset),
+                         key=lambda s: (s.score, s.example_id))
+        history = sorted(state.history, key=lambda h: (-(h["val_score"] or 0), h["step"]))[: cfg.history_k]
+        failed = [FailedProposal(r.params, r.subset_score, r.val_score, r.reason) for r in ctx.rejected if r.params]
+        return ProposalRequest(
+            param=view(param), peers=[view(p) for p in peers], others=[view(p) for p in others],
+            history=[HistoryEntry(h["step"], h["values"], h["val_score"]) for h in history],
+            failed=failed, feedback=feedback, samples=samples, constraints=list(program.spec.constraints),
+            steps_since_improvement=state.steps_since_improvement,
+            mode="autodiff" if ctx.with_gradients else "no_gradient", current=dict(values))
+
+    def max_calls(self, plan: Plan, mode) -> dict[str, int]:
+        per_proposal = len(self.trainable()) if self.env.cfg.propose == "joint" else 1
+        return {"optimizer": len(plan.steps) * self.max_proposals(mode) * per_proposal}

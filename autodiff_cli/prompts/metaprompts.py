@@ -2,14 +2,14 @@
 files under autodiff_cli/prompts/; this module loads and renders them in the sandbox."""
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from typing import Any
 
 from autodiff_cli.spec.templates import Template, compile_template
 
 
-@lru_cache(maxsize=None)
+@cache
 def template(name: str) -> Template:
     text = resources.files("autodiff_cli.prompts").joinpath(name).read_text(encoding="utf-8")
     return compile_template(text)

@@ -12,10 +12,10 @@ from __future__ import annotations
 import ast
 import math
 import warnings
-from collections.abc import Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
-__all__ = ["ExprError", "Expr", "compile_expr", "FUNCTIONS", "MAX_SOURCE_CHARS"]
+__all__ = ["FUNCTIONS", "MAX_SOURCE_CHARS", "Expr", "ExprError", "compile_expr"]
 
 MAX_SOURCE_CHARS = 1_000
 MAX_DEPTH = 64  # AST nesting; keeps the recursive walkers far from Python's recursion limit
@@ -28,8 +28,11 @@ class ExprError(Exception):
     """A bad expression, or an expression that failed on the given values."""
 
     def __init__(self, message: str, *, source: str | None = None, column: int | None = None,
-                 piece: str | None = None) -> None:
+                 piece: str | None = None, missing: bool = False) -> None:
         self.message = message
+        # the value lacks the key or item read (e.g. a model reply that is not the JSON the expression
+        # expects), as opposed to a wrong expression: `until` goes on and `when` is false on such values
+        self.missing = missing
         self.source = source
         self.column = column
         self.piece = piece
@@ -282,13 +285,19 @@ _UNSUPPORTED_NODES = {
 # --- compiled expression ------------------------------------------------------------------
 
 class Expr:
-    """A validated expression. Immutable; safe to evaluate from several threads."""
+    """A validated expression. Immutable; safe to evaluate from several threads.
 
-    __slots__ = ("source", "names", "_tree", "_lines")
+    `names` are the top-level names it reads; `fields` the (name, key) pairs it reads as `name.key` or
+    `name['key']`; `bare` the names it also reads whole (like a template's, for provenance and checks)."""
 
-    def __init__(self, source: str, tree: ast.Expression, names: frozenset[str]) -> None:
+    __slots__ = ("_lines", "_tree", "bare", "fields", "names", "source")
+
+    def __init__(self, source: str, tree: ast.Expression, names: frozenset[str],
+                 fields: frozenset[tuple[str, str]] = frozenset(), bare: frozenset[str] = frozenset()) -> None:
         self.source = source
         self.names = names
+        self.fields = fields
+        self.bare = bare
         self._tree = tree
         self._lines = source.splitlines() or [""]
 
@@ -303,16 +312,16 @@ class Expr:
         return self._eval(self._tree.body, context)
 
     # Errors raised by helpers carry no position; attach the node being evaluated.
-    def _fail(self, node: ast.AST, message: str) -> ExprError:
+    def _fail(self, node: ast.AST, message: str, missing: bool = False) -> ExprError:
         return ExprError(message, source=self.source, column=_column(self._lines, node),
-                         piece=_segment(self.source, node))
+                         piece=_segment(self.source, node), missing=missing)
 
     def _eval(self, node: ast.expr, ctx: Mapping[str, Any]) -> Any:
         try:
             return self._eval_node(node, ctx)
         except ExprError as exc:
             if exc.source is None:  # first (innermost) node to see it adds the position
-                raise self._fail(node, exc.message) from None
+                raise self._fail(node, exc.message, exc.missing) from None
             raise
         except Exception as exc:  # e.g. OverflowError, or odd values from user functions
             raise self._fail(node, f"evaluation failed: {type(exc).__name__}: {exc}") from None
@@ -390,14 +399,15 @@ class Expr:
     def _lookup_key(self, container: Any, key: str, container_node: ast.expr) -> Any:
         where = _segment(self.source, container_node)
         if not isinstance(container, Mapping):
-            raise ExprError(f"`{where}` is not a mapping (it is {_type_name(container)}), so it has no key `{key}`")
+            raise ExprError(f"`{where}` is not a mapping (it is {_type_name(container)}), so it has no key `{key}`",
+                            missing=True)
         try:
             if key in container:
                 return container[key]
         except Exception as exc:
             raise ExprError(f"cannot look up `{key}` in `{where}`: {exc}") from None
         known = ", ".join(sorted(str(k) for k in container)[:20]) or "none"
-        raise ExprError(f"`{where}` has no key `{key}` (keys: {known})")
+        raise ExprError(f"`{where}` has no key `{key}` (keys: {known})", missing=True)
 
     def _subscript(self, container: Any, index: Any, container_node: ast.expr) -> Any:
         where = _segment(self.source, container_node)
@@ -411,16 +421,18 @@ class Expr:
             except TypeError:
                 raise ExprError(f"a {_type_name(index)} cannot be a key of `{where}`") from None
             if not hit:
-                raise ExprError(f"`{where}` has no key {_clip(repr(index))}")
+                raise ExprError(f"`{where}` has no key {_clip(repr(index))}", missing=True)
             return container[index]
         if isinstance(container, (list, tuple, str)):
             if not isinstance(index, int) or isinstance(index, bool):
-                raise ExprError(f"`{where}` is indexed by integers, got {_type_name(index)}")
+                raise ExprError(f"`{where}` is indexed by integers, got {_type_name(index)}",
+                                missing=isinstance(index, str))  # a key looked up in text, not in a mapping
             if not -len(container) <= index < len(container):
-                raise ExprError(f"index {index} is out of range for `{where}` (length {len(container)})")
+                raise ExprError(f"index {index} is out of range for `{where}` (length {len(container)})",
+                                missing=True)
             return container[index]
         raise ExprError(f"`{where}` cannot be indexed (it is {_type_name(container)}); only lists, strings "
-                       "and mappings can")
+                        "and mappings can", missing=container is None)
 
 
 def _segment(source: str, node: ast.AST) -> str:
@@ -447,6 +459,9 @@ class _Validator:
         self.source = source
         self.lines = source.splitlines() or [""]
         self.names: set[str] = set()
+        self.bare: set[str] = set()
+        self.fields: set[tuple[str, str]] = set()
+        self.keyed: set[int] = set()  # ids of Name nodes read through a key (name.key, name['key'])
 
     def fail(self, node: ast.AST, message: str) -> ExprError:
         return ExprError(message, source=self.source, column=_column(self.lines, node),
@@ -466,9 +481,12 @@ class _Validator:
         if isinstance(node, ast.Name):
             self._check_identifier(node, node.id, "names")
             self.names.add(node.id)
+            if id(node) not in self.keyed:
+                self.bare.add(node.id)
             return
         if isinstance(node, ast.Attribute):
             self._check_identifier(node, node.attr, "keys")
+            self._note_key(node.value, node.attr)
             self.check(node.value, d)
             return
         if isinstance(node, ast.Subscript):
@@ -476,6 +494,7 @@ class _Validator:
                 raise self.fail(node.slice, "slices are not supported; index with a single integer or key")
             if isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str):
                 self._check_identifier(node.slice, node.slice.value, "keys")
+                self._note_key(node.value, node.slice.value)
             self.check(node.value, d)
             self.check(node.slice, d)
             return
@@ -514,6 +533,11 @@ class _Validator:
             return
         what = _UNSUPPORTED_NODES.get(type(node), type(node).__name__)
         raise self.fail(node, f"unsupported syntax: {what}")
+
+    def _note_key(self, target: ast.AST, key: str) -> None:
+        if isinstance(target, ast.Name):
+            self.fields.add((target.id, key))
+            self.keyed.add(id(target))
 
     def _check_identifier(self, node: ast.AST, name: str, kind: str) -> None:
         if name.startswith("_"):
@@ -573,4 +597,4 @@ def compile_expr(src: str) -> Expr:
         validator.check(tree.body)
     except RecursionError:
         raise ExprError("expression is nested too deeply", source=source) from None
-    return Expr(source, tree, frozenset(validator.names))
+    return Expr(source, tree, frozenset(validator.names), frozenset(validator.fields), frozenset(validator.bare))

@@ -5,8 +5,8 @@ Every error names the file, the line and the key path, and says what was expecte
 from __future__ import annotations
 
 import copy
-import re
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin
@@ -15,7 +15,13 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from autodiff_cli.errors import SpecError, describe
-from autodiff_cli.spec.models import Spec, is_env_var_name, is_secret_key, looks_secret, secret_in
+from autodiff_cli.spec.models import (
+    Spec,
+    is_env_var_name,
+    is_secret_key,
+    looks_secret,
+    secret_in,
+)
 
 KeyPath = tuple  # of str | int
 
@@ -35,6 +41,10 @@ class LoadedSpec:
     def error(self, key: KeyPath, **kw: Any) -> SpecError:
         """A SpecError located at `key` (the nearest line the file has for it)."""
         return located_error(self.path, self.lines, self.overrides, key, **kw)
+
+    def validate(self, model: type[BaseModel], data: Any, key: KeyPath) -> Any:
+        """`data` (the raw value at `key`) validated by `model`, with errors located in the file."""
+        return validate_part(model, data, key, self.path, self.lines, self.overrides)
 
 
 def key_text(key: KeyPath) -> str:
@@ -393,9 +403,9 @@ def _unknown_key(part: Any, known: Any) -> str:
     return f"unknown key `{part}`" + (f" (did you mean `{close[0]}`?)" if close else "")
 
 
-def _known_keys(key: KeyPath, data: Any) -> list[str]:
-    """The keys the schema allows in the mapping at `key` ([] for free-form mappings)."""
-    model: Any = Spec
+def _known_keys(key: KeyPath, data: Any, root: Any = None) -> list[str]:
+    """The keys the schema (`root`, by default the Spec) allows in the mapping at `key` ([] for free-form ones)."""
+    model: Any = Spec if root is None else root
     raw: Any = data
     for part in key:
         fields = _fields_of(model, raw)
@@ -463,15 +473,10 @@ def _clean_loc(loc: tuple, raw: Any) -> KeyPath:
     out: list = []
     cur = raw
     for part in loc:
-        if isinstance(cur, dict) and part in cur:
+        if isinstance(cur, dict) and part in cur or isinstance(cur, list) and isinstance(part, int) and part < len(cur):
             out.append(part)
             cur = cur[part]
-        elif isinstance(cur, list) and isinstance(part, int) and part < len(cur):
-            out.append(part)
-            cur = cur[part]
-        elif isinstance(cur, dict) and isinstance(part, str) and part.startswith(("function-", "tagged-union")):
-            continue
-        elif isinstance(cur, dict) and cur.get("kind") == part:
+        elif isinstance(cur, dict) and isinstance(part, str) and part.startswith(("function-", "tagged-union")) or isinstance(cur, dict) and cur.get("kind") == part:
             continue
         elif isinstance(cur, dict):
             out.append(part)  # a missing key: name it
@@ -484,15 +489,13 @@ def _clean_loc(loc: tuple, raw: Any) -> KeyPath:
 
 def _error_key(err: dict, raw: Any) -> KeyPath:
     key = _clean_loc(err["loc"], raw)
-    if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
-        return key + ("kind",)  # point at the `kind:` line, not the node's
     sub = (err.get("ctx") or {}).get("key") if err["type"] == "spec_value" else None
     if isinstance(sub, tuple):  # a path below the validated value, e.g. (1, "url") in an api_base list
         return key + sub
     return key + (sub,) if sub else key
 
 
-def _describe_pydantic_error(err: dict) -> tuple[str, str]:
+def describe_pydantic_error(err: dict) -> tuple[str, str]:
     kind = err["type"]
     value = err.get("input")
     msg = err["msg"]
@@ -502,8 +505,6 @@ def _describe_pydantic_error(err: dict) -> tuple[str, str]:
         return "a value for this required key", "nothing"
     if kind == "extra_forbidden":
         return "a known key (see `autodiff schema`)", "an unknown key"
-    if kind in ("union_tag_invalid", "union_tag_not_found"):
-        return "`kind: llm`, `kind: function` or `kind: loop`", describe(value.get("kind") if isinstance(value, dict) else value)
     if kind == "literal_error":
         return "one of " + err.get("ctx", {}).get("expected", ""), describe(value)
     if kind == "string_pattern_mismatch":
@@ -517,12 +518,18 @@ def _describe_pydantic_error(err: dict) -> tuple[str, str]:
 def validate_spec(data: Any, path: Path, lines: dict, overrides: dict) -> Spec:
     if not isinstance(data, dict):
         raise SpecError(file=path, line=1, expected="a YAML mapping of spec keys", got=describe(data))
+    return validate_part(Spec, data, (), path, lines, overrides)
+
+
+def validate_part(model: type[BaseModel], data: Any, at: KeyPath, path: Path, lines: dict, overrides: dict) -> Any:
+    """`data`, found at key `at` of the spec file, validated by `model`; errors located like the Spec's own
+    (node kinds validate their nodes with their own models this way, nodes/compiler.py)."""
     try:
-        return Spec.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         # a missing key is often the echo of a misspelt one (`nodse:`): report the typo first
-        errors = sorted(exc.errors(), key=lambda e: (e["type"] == "missing", _line_for(_error_key(e, data), lines)))
-        located = [_located_validation_error(e, data, path, lines, overrides) for e in errors[:6]]
+        errors = sorted(exc.errors(), key=lambda e: (e["type"] == "missing", _line_for(at + _error_key(e, data), lines)))
+        located = [_located_validation_error(e, data, path, lines, overrides, model, at) for e in errors[:6]]
         err = located[0]
         if len(errors) > 1:
             more = []
@@ -543,17 +550,18 @@ def _describe_safely(key: KeyPath, value: Any, described: str | None = None) -> 
     return describe(value) if described is None else described
 
 
-def _located_validation_error(err: dict, data: Any, path: Path, lines: dict, overrides: dict) -> SpecError:
+def _located_validation_error(err: dict, data: Any, path: Path, lines: dict, overrides: dict,
+                              root: Any = None, at: KeyPath = ()) -> SpecError:
     key = _error_key(err, data)
-    expected, got = _describe_pydantic_error(err)
+    expected, got = describe_pydantic_error(err)
     if err["type"] not in ("spec_value", "extra_forbidden", "missing"):
-        got = _describe_safely(key, err.get("input"), got)  # the models' own checks say more; this is the safety net
+        got = _describe_safely(at + key, err.get("input"), got)  # the models' own checks say more; this is the safety net
     if err["type"] == "extra_forbidden":
-        known = _known_keys(key[:-1], data)
+        known = _known_keys(key[:-1], data, root)
         if known:
             expected = f"a known key ({', '.join(known)})"
         got = _unknown_key(key[-1], known)
-    return located_error(path, lines, overrides, key, expected=expected, got=got)
+    return located_error(path, lines, overrides, at + key, expected=expected, got=got)
 
 
 def _line_for(key: KeyPath, lines: dict) -> int:

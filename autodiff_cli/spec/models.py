@@ -7,18 +7,22 @@ yet" error, so adding the behaviour never changes the format.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from autodiff_cli.errors import describe as describe_value
 
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
-
-# The roles under which model usage is accounted (summary.json lists all four).
-ROLES = ("task", "backward", "optimizer", "teacher")
 
 
 def spec_value_error(expected: str, got: str, key: str | tuple | None = None) -> PydanticCustomError:
@@ -257,10 +261,16 @@ class ModelConfig(Strict):
         return value
 
     @model_validator(mode="after")
-    def _deployments_need_http(self) -> "ModelConfig":
-        if isinstance(self.api_base, list) and self.model.partition("/")[0] in ("local", "fake"):
-            raise spec_value_error("a single api_base (or none) for a `local/` or `fake/` model, which is not served "
-                                   "over HTTP", "a list of deployments", "api_base")
+    def _deployments_need_http(self) -> ModelConfig:
+        if isinstance(self.api_base, list):
+            from autodiff_cli.llm.providers.registry import (
+                provider_for,  # only for a list: keeps imports light
+            )
+
+            provider = provider_for(self.model)
+            if provider.in_process:
+                raise spec_value_error(f"a single api_base (or none) for a `{provider.name}/` model, which is not "
+                                       "served over HTTP", "a list of deployments", "api_base")
         return self
 
     @field_validator("api_key_env", mode="before")
@@ -324,7 +334,7 @@ class DataSpec(Strict):
     id_field: str = "id"
 
     @model_validator(mode="after")
-    def _one_source(self) -> "DataSpec":
+    def _one_source(self) -> DataSpec:
         if self.generator is None and self.val is None and self.train is None:
             raise spec_value_error("split files (`train`, `val`, optional `test`) or a `generator`", "neither")
         if self.generator is not None and any(s is not None for s in (self.train, self.val, self.test)):
@@ -342,37 +352,27 @@ class ParamSpec(Strict):
                                                       "(default: the `input.X` fields its node reads)")
 
 
-class LLMNode(Strict):
-    kind: Literal["llm"]
-    model: str = Field("task", description="a key of `models`")
-    system: str | None = Field(None, description="Jinja template of the system message")
-    user: str = Field(description="Jinja template of the user message")
-    params: list[str] | None = Field(None, description="params this node uses; inferred from the templates when absent")
-    json_schema: dict[str, Any] | None = Field(None, description="ask for JSON output that follows this schema")
-    description: str | None = None
+WHEN_HELP = ("restricted expression over the node's inputs (the language of `until`); "
+             "false: the node does not run, costs nothing and its output is None")
 
 
-class FunctionNode(Strict):
-    kind: Literal["function"]
-    fn: str = Field(description="a builtin name or `module:function`")
-    args: dict[str, str] = Field(default_factory=dict, description="argument -> reference (node, input.field, state.field)")
-    with_: dict[str, Any] = Field(default_factory=dict, alias="with", description="constant keyword arguments")
-    backward: Literal["pass", "route"] = "pass"
-    description: str | None = None
+def check_node_entries(nodes: Any) -> Any:
+    """Each node is a mapping with a `kind`; the kind's own model (nodes/<kind>.py, `Spec`) checks the rest
+    when the spec is compiled, so a new kind needs no change here."""
+    if isinstance(nodes, dict):
+        for name, node in nodes.items():
+            if isinstance(node, dict) and "kind" not in node:
+                raise spec_value_error("a `kind:` naming the node kind (llm, function, loop, ...)", "none", key=(name,))
+            if isinstance(node, dict) and not isinstance(node["kind"], str):
+                raise spec_value_error("a node kind name (llm, function, loop, ...)", describe_value(node["kind"]),
+                                       key=(name, "kind"))
+    return nodes
 
 
-class LoopNode(Strict):
-    kind: Literal["loop"]
-    body: dict[Name, "NodeSpec"]
-    state: dict[Name, Any] = Field(default_factory=dict)
-    update: dict[Name, str] = Field(default_factory=dict, description="state key -> reference to a body output")
-    until: str | None = Field(None, description="restricted expression; the loop stops when it is true")
-    max_iters: int = Field(ge=1, le=100)
-    description: str | None = None
-
-
-NodeSpec = Annotated[Union[LLMNode, FunctionNode, LoopNode], Field(discriminator="kind")]
-LoopNode.model_rebuild()
+# A node as written: `kind` plus the keys of that kind, checked by the kind's own model when the spec is compiled.
+# In `autodiff schema` it is the union of the registered kinds' models (app/commands.spec_schema defines `Node`).
+NODE_SCHEMA_MARK = {"x-autodiff": "node"}  # replaced by a reference to `Node`
+NodeEntry = Annotated[dict[str, Any], WithJsonSchema(NODE_SCHEMA_MARK)]
 
 
 class MetricSpec(Strict):
@@ -397,6 +397,14 @@ class BudgetSpec(Strict):
 
 class TrainSpec(Strict):
     mode: Literal["autodiff", "textgrad", "no_gradient", "none"] = "autodiff"
+    optimizer: str = Field("gdpo", description="the optimizer of text steps, a name of autodiff_cli/optim/registry.py "
+                                              "(the demos optimizer runs the steps `demos` gives to demos)")
+    optimizer_options: dict[str, Any] = Field(default_factory=dict,
+                                              description="settings of the chosen optimizer (each checks its own)")
+    validation: Literal["sequential", "racing"] = Field(
+        "sequential", description="two-stage validation of a step's candidates: one at a time (the first that beats "
+                                  "the best is accepted) or racing (the step's contenders validated together, each "
+                                  "dropped once it cannot win)")
     max_steps: int = Field(12, ge=0)
     epochs: int = Field(1, ge=1)
     batch_size: int = Field(4, ge=1)
@@ -428,7 +436,8 @@ class Spec(Strict):
     models: dict[Name, ModelConfig]
     data: DataSpec
     params: dict[Name, ParamSpec] = Field(default_factory=dict)
-    nodes: dict[Name, NodeSpec]
+    nodes: dict[Name, NodeEntry] = Field(description="node name -> {kind: llm | function | loop | ..., and the "
+                                                     "keys of that kind (`autodiff schema` lists them)}")
     output: str
     metric: MetricSpec
     loss: LossSpec | None = None
@@ -441,7 +450,7 @@ class Spec(Strict):
     def _some_nodes(cls, nodes: dict) -> dict:
         if not nodes:
             raise spec_value_error("at least one node", "none")
-        return nodes
+        return check_node_entries(nodes)
 
 
 def unbuilt_keys(spec: Spec) -> list[tuple[tuple, str]]:

@@ -8,25 +8,25 @@ from __future__ import annotations
 import json
 import sys
 
-from autodiff_cli.spec.compiler import CompiledNode, Program, Scope, invocations
 from autodiff_cli.data.loaders import Example
+from autodiff_cli.engine.program import Program, Scope, invocations
 from autodiff_cli.grad.loss import backward_calls_per_example
+from autodiff_cli.nodes.base import NodeKind as CompiledNode
+from autodiff_cli.optim.base import Plan
 
 CHARS_PER_TOKEN = 4
 DEFAULT_REPLY_TOKENS = 256
 
 
 def llm_invocations(scope: Scope, repeat: int = 1) -> list[tuple[CompiledNode, int]]:
-    """Each llm node with the most times one example can invoke it (loops unrolled)."""
-    return [(node, times) for node, times in invocations(scope, repeat) if node.kind == "llm"]
+    """Each node that calls a model with the most times one example can invoke it (loops unrolled)."""
+    return [(node, times) for node, times in invocations(scope, repeat) if node.max_model_calls()]
 
 
 def _prompt_tokens(node: CompiledNode, example: Example, values: dict[str, str]) -> int:
     context = {**values, "input": example.fields, "state": {}, "iteration": 0}
     chars = 0
-    for tmpl in (node.system, node.user):
-        if tmpl is None:
-            continue
+    for tmpl in node.templates().values():
         try:
             chars += len(tmpl.render({**{n: "" for n in tmpl.names}, **context}))
         except Exception:  # other nodes' outputs are unknown before running: count the template text
@@ -36,47 +36,46 @@ def _prompt_tokens(node: CompiledNode, example: Example, values: dict[str, str])
 
 def project(program: Program, splits: dict[str, list[Example]], trainer) -> dict[str, dict[str, int]]:
     """Upper bounds per role. Every count comes from the objects that decide the calls in a run: the
-    trainer's planned steps and their kinds, its strategy (subset, backpropagated examples, proposals
-    and whether they are validated), the loss (its own backward calls) and the backward engine (calls
-    per trace)."""
+    trainer's planned steps and the optimizer of each, the mode's policies (subset, backpropagated
+    examples), each optimizer's acceptance rule (what judging a candidate scores), proposals and own
+    calls (`max_calls`), the loss (its own backward calls) and the backward engine (calls per trace)."""
     cfg = program.spec.train
-    strategy = trainer.strategy
+    mode = trainer.mode
     values = {n: p.value for n, p in program.params.items()}
     sample = splits["val"][0]
     per_example_calls = 0
     per_example_tokens = 0
     for node, times in llm_invocations(program.scope):
-        reply = program.spec.models[node.model].max_tokens or DEFAULT_REPLY_TOKENS
-        per_example_calls += times
-        per_example_tokens += times * (_prompt_tokens(node, sample, values) + reply)
+        calls = times * node.max_model_calls()
+        reply = max((program.spec.models[m].max_tokens or DEFAULT_REPLY_TOKENS for m in node.models()),
+                    default=DEFAULT_REPLY_TOKENS)
+        per_example_calls += calls
+        per_example_tokens += calls * (_prompt_tokens(node, sample, values) + reply)
     n_val, n_test, n_train = len(splits["val"]), len(splits.get("test", [])), len(splits["train"])
     steps = trainer.planned_steps()
-    text_steps = sum(1 for _, kind in steps if kind == "text")
-    demo_steps = len(steps) - text_steps
-    proposals = strategy.proposals_per_step(cfg)
-    subset = strategy.max_subset(cfg)
-
-    # task: initial validation, then per step the minibatch and, per proposal, the subset (two-stage
-    # validation only; demo proposals are always validated) and the validation split; test at the end
-    per_text_proposal = (subset if strategy.validate else 0) + n_val
-    per_demo_proposal = subset + n_val
-    task_examples = (n_val + len(steps) * cfg.batch_size + text_steps * proposals * per_text_proposal
-                     + demo_steps * cfg.max_proposals * per_demo_proposal + 2 * n_test)
-    # backward: per text step, each backpropagated example's trace, plus the loss's own calls
     per_trace = trainer.backward_engine.max_calls_per_example() + backward_calls_per_example(program.loss)
-    backward_calls = text_steps * strategy.max_backprop(cfg) * per_trace
-    # optimizer: one call per param a text proposal changes
-    per_proposal = (len(trainer.trainable) or 1) if cfg.propose == "joint" else 1
-    optimizer_calls = text_steps * proposals * per_proposal
-    # teacher: each training example seen by a demo step, once, up to its tries
-    teacher_examples = min(n_train, len(steps) * cfg.batch_size) if demo_steps else 0
-    teacher_calls = teacher_examples * per_example_calls * (trainer.teacher.tries if demo_steps else 0)
+    # task: the initial validation, every step's minibatch, judging the candidates, the test split twice
+    task_examples = n_val + len(steps) * cfg.batch_size + 2 * n_test
+    calls = {"task": 0, "backward": 0, "optimizer": 0, "teacher": 0}
+    for kind, optimizer in trainer.optimizers.items():
+        its = [s for s, k in steps if k == kind]
+        if not its:
+            continue
+        batching = optimizer.batching(mode)
+        judged = optimizer.acceptance(mode).max_examples(cfg, batching.max_subset(cfg), n_val)
+        task_examples += len(its) * optimizer.max_proposals(mode) * judged
+        if optimizer.uses_gradients:
+            calls["backward"] += len(its) * mode.feedback.max_backprop(cfg, batching) * per_trace
+        plan = Plan(its, trainer.total_steps(), n_train, cfg.batch_size, per_example_calls, n_val)
+        for role, n in optimizer.max_calls(plan, mode).items():
+            calls[role] += n
     per_call = per_example_tokens // max(per_example_calls, 1)
     return {
-        "task": {"calls": task_examples * per_example_calls, "tokens": task_examples * per_example_tokens},
-        "backward": {"calls": backward_calls, "tokens": backward_calls * (2 * per_call + 600)},
-        "optimizer": {"calls": optimizer_calls, "tokens": optimizer_calls * 2500},
-        "teacher": {"calls": teacher_calls, "tokens": teacher_calls * per_call},
+        "task": {"calls": task_examples * per_example_calls + calls["task"],
+                 "tokens": task_examples * per_example_tokens + calls["task"] * per_call},
+        "backward": {"calls": calls["backward"], "tokens": calls["backward"] * (2 * per_call + 600)},
+        "optimizer": {"calls": calls["optimizer"], "tokens": calls["optimizer"] * 2500},
+        "teacher": {"calls": calls["teacher"], "tokens": calls["teacher"] * per_call},
     }
 
 

@@ -95,6 +95,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from aiohttp import web
 
 from autodiff_cli.io.files import read_jsonl
 from autodiff_cli.llm import fake
@@ -292,8 +293,8 @@ def task_reply(text: str) -> str:
 
 
 def autodiff_backward_reply(text: str) -> str:
-    m = re.search(r"## (?:Predecessors|Inputs) \(the keys of your JSON reply\)\n(.*)", text, re.S)
-    keys = re.findall(r'^- "([^"]+)":', m.group(1), re.M) if m else []
+    m = re.search(r"## (?:Predecessors|Inputs) \(the keys of your JSON reply\)\n(.*)", text, re.DOTALL)
+    keys = re.findall(r'^- "([^"]+)":', m.group(1), re.MULTILINE) if m else []
     reply = {"diagnosis": "The count includes an object of another category."}
     for key in keys:
         reply[key] = AUTODIFF_FEEDBACK if key.startswith("param:") else AUTODIFF_UPSTREAM
@@ -308,7 +309,7 @@ def adalflow_backward_reply(text: str) -> str:
 
 
 def autodiff_optimizer_reply(text: str) -> str:
-    m = re.search(r"Current value:\n<VALUE>\n(.*?)\n</VALUE>", text, re.S)
+    m = re.search(r"Current value:\n<VALUE>\n(.*?)\n</VALUE>", text, re.DOTALL)
     new_tag = tag(text)
     new = revise(m.group(1) if m else "", new_tag)
     return json.dumps({"reasoning": f"The feedback says objects of other categories were counted {new_tag}.",
@@ -316,7 +317,7 @@ def autodiff_optimizer_reply(text: str) -> str:
 
 
 def adalflow_optimizer_reply(text: str) -> str:
-    m = re.search(r"<START_OF_VARIABLE_DESC>.*?<VARIABLE>(.*?)</VARIABLE>", text, re.S)
+    m = re.search(r"<START_OF_VARIABLE_DESC>.*?<VARIABLE>(.*?)</VARIABLE>", text, re.DOTALL)
     new_tag = tag(text)
     new = revise(m.group(1).strip() if m else "", new_tag)
     return ("<response>\n"
@@ -397,31 +398,29 @@ class BenchServer(fs.FakeServer):
         with self._lock:
             return list(self.requests)
 
-    async def _dispatch(self, request, reader, writer) -> bool:
-        if request.path.rstrip("/") in ("/v1/responses", "/responses") and request.method == "POST":
-            return await self._chat(request, reader, writer)
-        return await super()._dispatch(request, reader, writer)
+    def _routes(self):
+        return [web.post(path, self._chat) for path in ("/v1/responses", "/responses")] + super()._routes()
 
-    async def _chat(self, request, reader, writer) -> bool:
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
         """As FakeServer._chat (this benchmark has no faults), but a request whose client goes away
-        before the answer is due is logged as cancelled, and its connection closed unanswered."""
+        before the answer is due (the server then cancels this handler) is logged as cancelled."""
+        body = await request.read()
         self._enter()
         try:
-            answer, delay, index = self._decide_logged(request.body)
+            answer, delay, index = self._decide_logged(body)
             if answer.kind is not None:
                 self._count_error(answer.kind)
-            if delay > 0 and await _client_gone_within(reader, delay):
-                if index is not None:
+            try:
+                await asyncio.sleep(delay)
+            except asyncio.CancelledError:
+                if index is not None and not self._closing.is_set():
                     with self._lock:
                         r = self.requests[index]
                         self.requests[index] = dataclasses.replace(r, end=min(r.end, time.time()), cancelled=True)
-                return False
+                raise
         finally:
             self._leave()
-        self._write(writer, answer.status, json.dumps(answer.payload, ensure_ascii=False).encode("utf-8"),
-                    answer.headers, keep_alive=request.keep_alive)
-        await writer.drain()
-        return True
+        return self._response(answer)
 
     def _decide(self, body: bytes):
         answer, delay, _ = self._decide_logged(body)
@@ -479,32 +478,6 @@ class BenchServer(fs.FakeServer):
                                  "input_tokens_details": {"cached_tokens": 0},
                                  "output_tokens_details": {"reasoning_tokens": 0}}}
         return fs._Answer(200, payload), delay, index
-
-
-async def _client_gone_within(reader: asyncio.StreamReader, delay: float) -> bool:
-    """Wait `delay` seconds; True as soon as the client closes (or resets) the connection first.
-
-    Nothing is read: StreamReader._wait_for_data returns when data, EOF or a connection error arrives
-    (no client here pipelines requests, so only EOF or an error can come while a request is pending).
-    """
-    async def gone() -> bool:
-        while True:
-            if reader.exception() is not None or reader.at_eof():
-                return True
-            if reader._buffer or not hasattr(reader, "_wait_for_data"):  # data: the client is still there
-                await asyncio.sleep(3600)
-            try:
-                await reader._wait_for_data("bench")
-            except Exception:  # noqa: BLE001 - a connection error: gone
-                return True
-
-    watch = asyncio.ensure_future(gone())
-    try:
-        done, _ = await asyncio.wait({watch}, timeout=delay)
-        return watch in done and watch.result()
-    finally:
-        watch.cancel()
-        await asyncio.gather(watch, return_exceptions=True)
 
 
 def _empty_script() -> Path:

@@ -58,7 +58,7 @@ import time
 import urllib.request
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +109,7 @@ TARGETS = {"concurrency_ratio": 1.25, "per_invocation_ms": 1.0, "overhead_eval_s
 
 
 def log(message: str) -> None:
-    stamp = datetime.now(timezone.utc).strftime("%H:%M:%S")
+    stamp = datetime.now(UTC).strftime("%H:%M:%S")
     print(f"[{stamp}] perf: {message}", file=sys.stderr, flush=True)
 
 
@@ -189,9 +189,9 @@ def write_chain(work: Path, n: int, model_block: str) -> Path:
 
 
 def load_chain(spec: Path):
-    from autodiff_cli.spec.compiler import compile_spec
     from autodiff_cli.data.splits import load_split
-    from autodiff_cli.io.prompts_io import initial_values
+    from autodiff_cli.spec.prompts_file import initial_values
+    from autodiff_cli.nodes.compiler import compile_spec
     from autodiff_cli.spec.loader import load_spec
 
     loaded = load_spec(spec)
@@ -722,7 +722,7 @@ def render_overhead(r: dict, command: str, meta: dict, quick: bool) -> str:
 def render_cache(r: dict, command: str, meta: dict, quick: bool) -> str:
     name = SECTION_NAMES["cache"]
     c, w = r["cold"], r["warm"]
-    roles = lambda run: ", ".join(f"{k} {v}" for k, v in run["calls_by_role"].items() if v) or "0"  # noqa: E731
+    roles = lambda run: ", ".join(f"{k} {v}" for k, v in run["calls_by_role"].items() if v) or "0"
     sz = r["sizes"]
     lines = _head(name, command, meta, quick)
     lines += [
@@ -1108,7 +1108,7 @@ def _meta() -> dict:
     except Exception:  # noqa: BLE001
         versions = f"Python {platform.python_version()}"
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return {"machine": _bench_runner().machine(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    return {"machine": _bench_runner().machine(), "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "load": load, "versions": versions}
 
 

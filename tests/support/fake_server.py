@@ -47,8 +47,11 @@ message contents, completion tokens = words of the reply. `GET /stats` returns t
 `requests` (chat requests received), `replies` (200 answers with content), `errors` by kind,
 `faults` (server-level faults fired, by kind; `malformed` is only counted here: it is a reply),
 `in_flight`, `max_in_flight` (chat requests between their arrival and their answer), `prompt_tokens`,
-`completion_tokens`, `connections`; `POST /reset` zeroes them (and the script's `fail_times` /
-`replies` counters). Only the standard library is used.
+`completion_tokens`, `connections` (TCP connections accepted); `POST /reset` zeroes them (and the
+script's `fail_times` / `replies` counters).
+
+Built on aiohttp's web server (a litellm dependency). Subclasses extend it through `_routes` (more
+endpoints), `_chat` (one chat request: `_decide` the answer, wait, `_response`) and `_decide`.
 """
 from __future__ import annotations
 
@@ -64,9 +67,12 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
+
+from aiohttp import web
 
 from autodiff_cli.llm import fake
 
@@ -75,9 +81,10 @@ FAULT_KINDS = ("429", "500", "503", "400", "auth", "context_length", "timeout", 
                "empty_body", "truncated", "malformed")
 # the content of a `malformed` reply: a proposal cut off inside its JSON string
 MALFORMED_TEXT = '{"reasoning": "The feedback asks for a change.", "method": "rephrase", "new_value": "Count the'
-MAX_HEADER_BYTES = 64 * 1024
-REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
-           429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}
+CHAT_PATHS = ("/v1/chat/completions", "/chat/completions")
+MAX_BODY_BYTES = 64 * 1024**2  # aiohttp's default (1 MiB) would refuse a long prompt with a 413
+# how long stopping the server waits for requests still being answered before it cancels them
+SHUTDOWN_GRACE = 0.25
 
 
 @dataclass(frozen=True)
@@ -92,7 +99,7 @@ class Fault:
     retry_after: float | None = None
 
     @classmethod
-    def parse(cls, raw: "Fault | Mapping[str, Any]") -> "Fault":
+    def parse(cls, raw: Fault | Mapping[str, Any]) -> Fault:
         if isinstance(raw, Fault):
             return raw
         unknown = set(raw) - {"kind", "match", "in", "times", "rate", "retry_after"}
@@ -119,17 +126,11 @@ class Fault:
         )
 
 
-class _Request:
-    __slots__ = ("method", "path", "headers", "body", "keep_alive")
-
-    def __init__(self, method: str, path: str, headers: dict[str, str], body: bytes, keep_alive: bool) -> None:
-        self.method, self.path, self.headers, self.body, self.keep_alive = method, path, headers, body, keep_alive
-
-
 class _Answer:
-    """What to do with one chat request."""
+    """What to do with one chat request: send (`status`, `payload`, `headers`), or one of the actions
+    `hang`, `reset`, `empty_body`, `truncated`; `kind` is the error counted for it."""
 
-    __slots__ = ("status", "payload", "headers", "action", "kind")
+    __slots__ = ("action", "headers", "kind", "payload", "status")
 
     def __init__(self, status: int = 200, payload: Any = None, headers: dict | None = None,
                  action: str = "send", kind: str | None = None) -> None:
@@ -140,7 +141,7 @@ class FakeServer:
     """The server; see the module docstring."""
 
     def __init__(self, script: str | Path, *, latency: float | None = None, jitter: float = 0.0, seed: int = 0,
-                 port: int = 0, faults: Sequence["Fault | Mapping[str, Any]"] = (),
+                 port: int = 0, faults: Sequence[Fault | Mapping[str, Any]] = (),
                  hang_seconds: float = 3600.0) -> None:
         self.script_path = Path(script).resolve()
         self.script = fake.load_script(self.script_path)  # ModelNotFound / SpecError as the provider
@@ -152,9 +153,9 @@ class FakeServer:
         self.port = port
         self.faults = tuple(Fault.parse(f) for f in faults)
         self.hang_seconds = hang_seconds
-        self._server: asyncio.base_events.Server | None = None
+        self._runner: web.AppRunner | None = None
+        self._listener: asyncio.base_events.Server | None = None
         self._closing: asyncio.Event | None = None
-        self._connections: set[asyncio.Task] = set()
         self._lock = threading.Lock()  # stats may be read from another thread
         self._seen: dict[str, int] = {}  # request body digest -> times seen (jitter, rate)
         self._fault_counts: dict[tuple[int, str], int] = {}
@@ -171,29 +172,44 @@ class FakeServer:
     def api_base(self) -> str:
         return self.url + "/v1"
 
-    async def start(self) -> "FakeServer":
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port) of the listening socket."""
+        return self._listener.sockets[0].getsockname()[:2]
+
+    async def start(self) -> FakeServer:
         self._closing = asyncio.Event()
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app.add_routes(self._routes())
+        # handler_cancellation: a client that closes its connection cancels its request's handler (a held
+        # `timeout` request ends then, and `in_flight` counts only requests someone still waits for)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True,
+                                     shutdown_timeout=SHUTDOWN_GRACE)
+        await self._runner.setup()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((HOST, self.port))
-        self._server = await asyncio.start_server(self._serve_connection, sock=sock, backlog=1024,
-                                                  limit=MAX_HEADER_BYTES)
+        # the listening socket is ours, not an aiohttp site's, so that accepted connections are counted;
+        # aiohttp's Server is the protocol factory, as a site would pass it
+        self._listener = await asyncio.get_running_loop().create_server(self._accept, sock=sock, backlog=1024)
         self.port = sock.getsockname()[1]
         return self
 
-    async def close(self) -> None:
-        if self._server is None:
-            return
-        self._server.close()
-        self._closing.set()
-        for task in list(self._connections):
-            task.cancel()
-        await asyncio.gather(*self._connections, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._server.wait_closed(), 1.0)
-        self._server = None
+    def _accept(self) -> asyncio.Protocol:
+        self._count(connections=1)
+        return self._runner.server()
 
-    async def __aenter__(self) -> "FakeServer":
+    async def close(self) -> None:
+        if self._listener is None:
+            return
+        self._closing.set()  # held requests end
+        self._listener.close()
+        await self._runner.cleanup()  # closes idle connections, cancels requests still answering after the grace
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._listener.wait_closed(), 1.0)
+        self._listener = None
+
+    async def __aenter__(self) -> FakeServer:
         return await self.start()
 
     async def __aexit__(self, *exc) -> None:
@@ -203,7 +219,7 @@ class FakeServer:
         await self._closing.wait()
 
     @contextlib.contextmanager
-    def in_thread(self) -> Iterator["FakeServer"]:
+    def in_thread(self) -> Iterator[FakeServer]:
         """Run the server on its own event loop in a daemon thread (for callers with their own loop)."""
         loop = asyncio.new_event_loop()
         started = threading.Event()
@@ -256,9 +272,7 @@ class FakeServer:
             self._stats["in_flight"] = in_flight  # requests being answered still leave
             self._seen.clear()
             self._fault_counts.clear()
-        with fake._lock:  # the script's fail_times / replies counters for this script only
-            for key in [k for k in fake._attempts if k[0].startswith(self.script.path)]:
-                del fake._attempts[key]
+        fake.reset_script_counters(self.script.path)
 
     def _count(self, **deltas: int) -> None:
         with self._lock:
@@ -282,137 +296,70 @@ class FakeServer:
 
     # ---------------------------------------------------------------- HTTP
 
-    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        self._connections.add(task)
-        self._count(connections=1)
-        try:
-            while True:
-                request = await self._read_request(reader)
-                if request is None:
-                    break
-                keep = await self._dispatch(request, reader, writer)
-                if not keep or not request.keep_alive:
-                    break
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
-            pass
-        except asyncio.CancelledError:
-            pass
-        finally:
-            self._connections.discard(task)
-            if not writer.transport.is_closing():
-                writer.transport.close()
+    def _routes(self) -> list[web.AbstractRouteDef]:
+        """The endpoints (a subclass adds its own to these)."""
+        routes = []
+        for path in CHAT_PATHS:
+            routes += [web.post(path, self._chat), web.route("*", path, self._method_not_allowed)]
+        routes += [web.get("/stats", self._get_stats), web.post("/reset", self._post_reset)]
+        routes += [web.get(path, self._health) for path in ("/health", "/v1/health")]
+        routes += [web.get(path, self._models) for path in ("/v1/models", "/models")]
+        return routes + [web.route("*", "/{tail:.*}", self._not_found)]
 
-    async def _read_request(self, reader: asyncio.StreamReader) -> _Request | None:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.IncompleteReadError:
-            return None
-        lines = head.decode("latin-1").split("\r\n")
-        method, path, version = lines[0].split(" ", 2)
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            if line:
-                name, _, value = line.partition(":")
-                headers[name.strip().lower()] = value.strip()
-        if headers.get("transfer-encoding", "").lower() == "chunked":
-            body = await self._read_chunked(reader)
-        else:
-            body = await reader.readexactly(int(headers.get("content-length") or 0))
-        connection = headers.get("connection", "").lower()
-        keep_alive = connection != "close" if version == "HTTP/1.1" else connection == "keep-alive"
-        return _Request(method.upper(), path.split("?", 1)[0], headers, body, keep_alive)
+    async def _get_stats(self, request: web.Request) -> web.Response:
+        return _json_response(200, self.stats())
 
-    @staticmethod
-    async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
-        parts = []
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
-            if size == 0:
-                while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers
-                    pass
-                return b"".join(parts)
-            parts.append(await reader.readexactly(size))
-            await reader.readexactly(2)
+    async def _post_reset(self, request: web.Request) -> web.Response:
+        self.reset()
+        return _json_response(200, {"ok": True})
 
-    @staticmethod
-    def _write(writer: asyncio.StreamWriter, status: int, body: bytes, headers: Mapping[str, str] | None = None,
-               keep_alive: bool = True) -> None:
-        head = [f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}", "Content-Type: application/json",
-                f"Content-Length: {len(body)}", f"Connection: {'keep-alive' if keep_alive else 'close'}"]
-        head += [f"{k}: {v}" for k, v in (headers or {}).items()]
-        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+    async def _health(self, request: web.Request) -> web.Response:
+        return _json_response(200, {"ok": True})
 
-    async def _dispatch(self, request: _Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        """Answer one request; False closes the connection."""
-        path = request.path.rstrip("/")
-        if path in ("/v1/chat/completions", "/chat/completions"):
-            if request.method != "POST":
-                self._write(writer, 405, _error_body("use POST", "invalid_request_error"), keep_alive=request.keep_alive)
-                await writer.drain()
-                return True
-            return await self._chat(request, reader, writer)
-        if path == "/stats" and request.method == "GET":
-            body = json.dumps(self.stats()).encode()
-        elif path == "/reset" and request.method == "POST":
-            self.reset()
-            body = b'{"ok": true}'
-        elif path in ("/health", "/v1/health") and request.method == "GET":
-            body = b'{"ok": true}'
-        elif path in ("/v1/models", "/models") and request.method == "GET":
-            body = json.dumps({"object": "list", "data": [{"id": "fake", "object": "model", "owned_by": "autodiff"}]}).encode()
-        else:
-            self._write(writer, 404, _error_body(f"no route {request.method} {request.path}", "not_found_error"),
-                        keep_alive=request.keep_alive)
-            await writer.drain()
-            return True
-        self._write(writer, 200, body, keep_alive=request.keep_alive)
-        await writer.drain()
-        return True
+    async def _models(self, request: web.Request) -> web.Response:
+        return _json_response(200, {"object": "list", "data": [{"id": "fake", "object": "model", "owned_by": "autodiff"}]})
 
-    async def _chat(self, request: _Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    async def _method_not_allowed(self, request: web.Request) -> web.Response:
+        return _json_response(405, _error_obj("use POST", "invalid_request_error"))
+
+    async def _not_found(self, request: web.Request) -> web.Response:
+        return _json_response(404, _error_obj(f"no route {request.method} {request.path}", "not_found_error"))
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        """One chat request: decided on arrival (counters, faults, script), answered after its delay."""
+        body = await request.read()
         self._enter()
-        left = False
         try:
-            answer, delay = self._decide(request.body)
+            answer, delay = self._decide(body)
             if answer.action == "hang":
                 self._count_error("timeout")
-                await self._hang(reader)
-                return False
+                await self._hang()
+                return _drop(request)
             if delay > 0:
                 await asyncio.sleep(delay)
             if answer.kind is not None:
                 self._count_error(answer.kind)
             if answer.action == "reset":
-                self._leave()
-                left = True
-                _reset(writer)
-                return False
-            if answer.action == "empty_body":
-                body = b""
-            else:
-                body = json.dumps(answer.payload, ensure_ascii=False).encode("utf-8")
-                if answer.action == "truncated":
-                    body = body[: len(body) // 2]
+                return _drop(request, reset=True)
+            return self._response(answer)
+        finally:
             self._leave()
-            left = True
-            self._write(writer, answer.status, body, answer.headers, keep_alive=request.keep_alive)
-            await writer.drain()
-            return True
-        finally:
-            if not left:
-                self._leave()
 
-    async def _hang(self, reader: asyncio.StreamReader) -> None:
-        """Hold the request until the client closes the connection, the server stops or hang_seconds pass."""
-        eof = asyncio.ensure_future(reader.read(1))
-        closing = asyncio.ensure_future(self._closing.wait())
-        try:
-            await asyncio.wait({eof, closing}, timeout=self.hang_seconds, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in (eof, closing):
-                t.cancel()
-            await asyncio.gather(eof, closing, return_exceptions=True)
+    async def _hang(self) -> None:
+        """Hold a request until the server stops or hang_seconds pass; the client giving up (closing its
+        connection) cancels the handler before that."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closing.wait(), self.hang_seconds)
+
+    @staticmethod
+    def _response(answer: _Answer) -> web.Response:
+        if answer.action == "empty_body":
+            body = b""
+        else:
+            body = json.dumps(answer.payload, ensure_ascii=False).encode("utf-8")
+            if answer.action == "truncated":
+                body = body[: len(body) // 2]  # a complete HTTP response whose JSON stops halfway
+        return web.Response(status=answer.status, body=body, headers=answer.headers, content_type="application/json")
 
     # ---------------------------------------------------------------- replies
 
@@ -459,7 +406,7 @@ class FakeServer:
                 text = fake.respond(self.script, messages)  # a scripted `empty` returns ''
             except fake.ScriptedError as e:
                 return self._error_answer(e.kind, e.retry_after), delay
-        prompt = sum(fake.count_tokens(fake._content(m)) for m in messages)
+        prompt = fake.prompt_tokens(messages)
         completion = fake.count_tokens(text)
         with self._lock:
             self._ids += 1
@@ -523,8 +470,28 @@ def _error_obj(message: str, type_: str, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": None, "code": code}}
 
 
-def _error_body(message: str, type_: str) -> bytes:
-    return json.dumps(_error_obj(message, type_)).encode()
+def _json_response(status: int, payload: Any) -> web.Response:
+    return web.Response(status=status, body=json.dumps(payload).encode(), content_type="application/json")
+
+
+def _drop(request: web.Request, *, reset: bool = False) -> web.Response:
+    """End the request's connection without an answer: closed, or with `reset` a TCP RST.
+
+    aiohttp answers every request its handler returns, and has no way to reset a connection, so this
+    is done on the transport underneath: SO_LINGER 0 makes the kernel send an RST on close, and
+    `abort` closes at once. The response returned is never sent (aiohttp takes its failed write as
+    a client that went away)."""
+    transport = request.transport
+    if transport is not None:
+        if reset:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            transport.abort()
+        else:
+            transport.close()
+    return web.Response(status=204)
 
 
 def _fmt_seconds(value: float) -> str:
@@ -535,15 +502,6 @@ def _unit(seed: int, what: str, digest: str, nth: int) -> float:
     """A number in [0, 1) from (seed, what, request digest, occurrence): order-independent randomness."""
     h = hashlib.blake2b(f"{seed}|{what}|{digest}|{nth}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "big") / 2**64
-
-
-def _reset(writer: asyncio.StreamWriter) -> None:
-    """Close the connection with a TCP RST."""
-    sock = writer.transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
 
 
 # ---------------------------------------------------------------- command
