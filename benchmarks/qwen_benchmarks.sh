@@ -4,7 +4,7 @@
 # (demos = demos_trec then demos_objectcount; each can be run alone)
 # Each part is a benchmarks/run.py command: stop it at any time, run it again to resume.
 # BENCH_OPTS is added to each (e.g. BENCH_OPTS=--dry-run shows what would be reused or started).
-# Needs: pip install -e ".[local]"; the GGUF (../shared/tools/get-models.sh qwen); the data
+# Needs: pip install -e ".[local]"; the GGUF (autodiff models pull qwen2.5-coder-1.5b); the data
 # (autodiff data fetch object_counting|trec|hotpotqa [--from DIR]) in datasets/ or $AUTODIFF_DATA.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -15,6 +15,8 @@ def isolated_env(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("AUTODIFF_CACHE", str(root / "cache"))
     monkeypatch.setenv("AUTODIFF_DATA", str(root / "data"))
     monkeypatch.delenv("AUTODIFF_CACHE_URL", raising=False)  # a shared Redis cache is opted into per test
+    monkeypatch.delenv("AUTODIFF_MLFLOW_URI", raising=False)  # tracking is opted into per test (tests/app/test_tracking.py)
+    monkeypatch.delenv("AUTODIFF_MODELS_URL", raising=False)  # a download mirror too
     return root
 
 

@@ -33,8 +33,22 @@ SetOption = typer.Option(None, "--set", metavar="KEY=VALUE",
                          help="Override a spec key; VALUE is parsed as YAML. Repeatable, e.g. --set models.task.model=local/qwen2.5-coder-1.5b")
 
 
+def _print_version(value: bool) -> None:
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        print(f"autodiff {version('autodiff-cli')}")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        print("autodiff (version unknown: the autodiff-cli package is not installed)")
+    raise typer.Exit()
+
+
 @app.callback()
 def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+          version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print the version and exit."),
           env_file: Path | None = typer.Option(None, "--env-file", metavar="FILE",
                                                   help="Read API keys (NAME=value lines) from this file; the environment wins.")) -> None:
     _state["debug"] = debug
@@ -162,6 +176,9 @@ def train(config: Path = typer.Argument(..., help="The pipeline spec (YAML)."),
           json_out: bool = typer.Option(False, "--json", help="Print summary.json's content before the run directory."),
           quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log lines on stderr (errors still show)."),
           no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the call cache."),
+          mlflow: str | None = typer.Option(None, "--mlflow", metavar="URI", envvar="AUTODIFF_MLFLOW_URI",
+                                            help="Also log the run to this MLflow tracking store, e.g. sqlite:///mlflow.db "
+                                                 "(needs the mlflow extra)."),
           set_: list[str] | None = SetOption) -> None:
     """Optimize the trainable prompts: forward, textual backward, GDPO proposals, two-stage validation.
 
@@ -171,12 +188,13 @@ def train(config: Path = typer.Argument(..., help="The pipeline spec (YAML)."),
       autodiff train configs/quickstart.yaml
       autodiff train configs/object_count.yaml --set models.task.model=local/qwen2.5-coder-1.5b --dry-run
       autodiff train configs/object_count.yaml --resume runs/object_count-20261124-101500
+      autodiff train configs/quickstart.yaml --mlflow sqlite:///mlflow.db
     """
     from autodiff_cli.app.train_run import train_command
 
     set_quiet(quiet)
     run_guarded(train_command, config, runs_dir=runs_dir, resume=resume, dry_run=dry_run, concurrency=concurrency,
-                json_out=json_out, no_cache=no_cache, overrides=set_ or [])
+                json_out=json_out, no_cache=no_cache, overrides=set_ or [], mlflow=mlflow)
 
 
 # ---------------------------------------------------------------- data / cache / schema
@@ -281,7 +299,7 @@ def diff(run_dir: Path = typer.Argument(..., help="A run directory (or a run's n
 
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="A run directory (or a run's name under runs/).")) -> None:
-    """(Re)write a run's report.md and score.png (score curve, steps, prompt diffs, usage, test scores).
+    """(Re)write a run's report.md and its plots score.png, proposals.png, usage.png (score curve, steps, prompt diffs, usage, test scores).
 
     Prints the report's path.
 
@@ -308,6 +326,42 @@ def init(directory: Path = typer.Argument(Path("."), help="Where to write autodi
     from autodiff_cli.app.scaffold import init_command
 
     run_guarded(init_command, directory, template, force)
+
+
+# ---------------------------------------------------------------- models
+
+models_app = typer.Typer(help="The GGUF files of the `local/` provider: list them, pull one (verified).",
+                         no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list(json_out: bool = typer.Option(False, "--json", help="One JSON object instead of the table.")) -> None:
+    """Each known model: size, whether it is here (and its sha256 checked), its file and download URL.
+
+    Example: autodiff models list --json
+    """
+    from autodiff_cli.app.models_cmd import list_command
+
+    run_guarded(list_command, json_out)
+
+
+@models_app.command("pull")
+def models_pull(name: str = typer.Argument(..., help="smollm2-135m, qwen2.5-coder-1.5b or qwen2.5-3b."),
+                from_dir: Path | None = typer.Option(None, "--from",
+                                                     help="Copy from a local folder (offline) instead of downloading."),
+                sha256: str | None = typer.Option(None, "--sha256", metavar="HEX",
+                                                  help="The expected sha256, for a model without a recorded one.")
+                ) -> None:
+    """Download a model into $AUTODIFF_MODELS (resuming an interrupted pull), checked against its sha256 before use.
+
+    Examples:
+      autodiff models pull qwen2.5-coder-1.5b
+      autodiff models pull qwen2.5-coder-1.5b --from /mnt/usb/models
+    """
+    from autodiff_cli.app.models_cmd import pull_command
+
+    run_guarded(pull_command, name, from_dir, sha256)
 
 
 def main() -> None:

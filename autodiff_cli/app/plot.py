@@ -1,197 +1,44 @@
-"""The score curve of a run as a PNG, drawn here with zlib + struct (no plotting library).
+"""The plots of a run's report, drawn with matplotlib: `score.png`, `proposals.png`, `usage.png`.
 
-`score_curve_png(points)` returns the PNG bytes of a 640x400 plot: axes with ticks and labels
-(a built-in 5x7 bitmap font), the validation score of the current prompts by step, a dashed
-line at the best score, markers for the initial score, accepted steps and rejected proposals
-that reached validation, and a legend.
+- `score.png`: the validation score of the current prompts by step, the best-so-far line, accepted
+  steps, proposals that lost at validation, and the initial and best test scores when there are any.
+- `proposals.png`: per step, stacked bars of the proposals by what became of them (see
+  `classify_proposal`), and a mark on the steps that were skipped.
+- `usage.png`: calls and tokens per role (task, backward, optimizer, teacher).
+
+matplotlib is imported only when a plot is drawn (CLI start-up time), and only through
+`matplotlib.figure.Figure` + `FigureCanvasAgg`: no pyplot, no global backend switch, no GUI. Each
+plot is drawn under matplotlib's default style (a user's matplotlibrc does not change it), at a
+fixed size and dpi, and saved without the "Software" text chunk, so the same run gives the same
+bytes (with the same matplotlib and fonts).
 """
 from __future__ import annotations
 
-import math
-import struct
-import zlib
+import io
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, Self
 
-from autodiff_cli.io.records import StepRecord
+from autodiff_cli.io.records import ProposalRecord, StepRecord
+from autodiff_cli.llm.usage import ROLES
 
-# ---------------------------------------------------------------- a 5x7 bitmap font
+SCORE_PLOT = "score.png"
+PROPOSALS_PLOT = "proposals.png"
+USAGE_PLOT = "usage.png"
+PLOTS = (SCORE_PLOT, PROPOSALS_PLOT, USAGE_PLOT)
 
-_GLYPHS: dict[str, tuple[str, ...]] = {
-    "0": (".###.", "#...#", "#..##", "#.#.#", "##..#", "#...#", ".###."),
-    "1": ("..#..", ".##..", "..#..", "..#..", "..#..", "..#..", ".###."),
-    "2": (".###.", "#...#", "....#", "...#.", "..#..", ".#...", "#####"),
-    "3": ("####.", "....#", "....#", ".###.", "....#", "....#", "####."),
-    "4": ("...#.", "..##.", ".#.#.", "#..#.", "#####", "...#.", "...#."),
-    "5": ("#####", "#....", "####.", "....#", "....#", "#...#", ".###."),
-    "6": (".###.", "#....", "#....", "####.", "#...#", "#...#", ".###."),
-    "7": ("#####", "....#", "...#.", "..#..", ".#...", ".#...", ".#..."),
-    "8": (".###.", "#...#", "#...#", ".###.", "#...#", "#...#", ".###."),
-    "9": (".###.", "#...#", "#...#", ".####", "....#", "....#", ".###."),
-    "a": (".....", ".....", ".###.", "....#", ".####", "#...#", ".####"),
-    "b": ("#....", "#....", "####.", "#...#", "#...#", "#...#", "####."),
-    "c": (".....", ".....", ".###.", "#....", "#....", "#...#", ".###."),
-    "d": ("....#", "....#", ".####", "#...#", "#...#", "#...#", ".####"),
-    "e": (".....", ".....", ".###.", "#...#", "#####", "#....", ".###."),
-    "f": ("..##.", ".#..#", ".#...", "###..", ".#...", ".#...", ".#..."),
-    "g": (".####", "#...#", "#...#", "#...#", ".####", "....#", ".###."),
-    "h": ("#....", "#....", "#.##.", "##..#", "#...#", "#...#", "#...#"),
-    "i": ("..#..", ".....", ".##..", "..#..", "..#..", "..#..", ".###."),
-    "j": ("...#.", ".....", "..##.", "...#.", "...#.", "...#.", "#..#.", ".##.."),
-    "k": ("#....", "#....", "#..#.", "#.#..", "##...", "#.#..", "#..#."),
-    "l": (".##..", "..#..", "..#..", "..#..", "..#..", "..#..", ".###."),
-    "m": (".....", ".....", "##.#.", "#.#.#", "#.#.#", "#...#", "#...#"),
-    "n": (".....", ".....", "#.##.", "##..#", "#...#", "#...#", "#...#"),
-    "o": (".....", ".....", ".###.", "#...#", "#...#", "#...#", ".###."),
-    "p": ("####.", "#...#", "#...#", "#...#", "####.", "#....", "#...."),
-    "q": (".####", "#...#", "#...#", "#...#", ".####", "....#", "....#"),
-    "r": (".....", ".....", "#.##.", "##..#", "#....", "#....", "#...."),
-    "s": (".....", ".....", ".####", "#....", ".###.", "....#", "####."),
-    "t": (".#...", ".#...", "###..", ".#...", ".#...", ".#..#", "..##."),
-    "u": (".....", ".....", "#...#", "#...#", "#...#", "#..##", ".##.#"),
-    "v": (".....", ".....", "#...#", "#...#", "#...#", ".#.#.", "..#.."),
-    "w": (".....", ".....", "#...#", "#...#", "#.#.#", "#.#.#", ".#.#."),
-    "x": (".....", ".....", "#...#", ".#.#.", "..#..", ".#.#.", "#...#"),
-    "y": ("#...#", "#...#", "#...#", "#...#", ".####", "....#", ".###."),
-    "z": (".....", ".....", "#####", "...#.", "..#..", ".#...", "#####"),
-    ".": (".....", ".....", ".....", ".....", ".....", ".##..", ".##.."),
-    ",": (".....", ".....", ".....", ".....", ".##..", "..#..", ".#..."),
-    ":": (".....", ".##..", ".##..", ".....", ".##..", ".##..", "....."),
-    "-": (".....", ".....", ".....", "#####", ".....", ".....", "....."),
-    "+": (".....", "..#..", "..#..", "#####", "..#..", "..#..", "....."),
-    "=": (".....", ".....", "#####", ".....", "#####", ".....", "....."),
-    "(": ("...#.", "..#..", ".#...", ".#...", ".#...", "..#..", "...#."),
-    ")": (".#...", "..#..", "...#.", "...#.", "...#.", "..#..", ".#..."),
-    "/": (".....", "....#", "...#.", "..#..", ".#...", "#....", "....."),
-    "%": ("##...", "##..#", "...#.", "..#..", ".#...", "#..##", "...##"),
-    "_": (".....", ".....", ".....", ".....", ".....", ".....", "#####"),
-    "'": ("..#..", "..#..", ".#...", ".....", ".....", ".....", "....."),
-    "#": (".#.#.", ".#.#.", "#####", ".#.#.", "#####", ".#.#.", ".#.#."),
-    "?": (".###.", "#...#", "....#", "...#.", "..#..", ".....", "..#.."),
-    " ": (".....",) * 7,
-}
-GLYPH_W, GLYPH_H = 5, 7
-# glyphs drawn 2 rows lower: their first rows are the x-height, the last ones hang below the line
-_DESCENDERS = {"g": 2, "p": 2, "q": 2, "y": 2, "j": 1}
+DPI = 100
+SCORE_SIZE = (8.0, 4.5)  # inches: 800x450 pixels
+BAR_SIZE = (8.0, 3.6)  # 800x360
 
-Color = tuple[int, int, int]
-WHITE: Color = (255, 255, 255)
-BLACK: Color = (30, 30, 30)
-GREY: Color = (120, 120, 120)
-GRID: Color = (225, 228, 232)
-BLUE: Color = (31, 100, 180)
-GREEN: Color = (22, 150, 60)
-RED: Color = (205, 50, 50)
-ORANGE: Color = (230, 140, 20)
+BLUE, ORANGE, GREEN, RED, PURPLE, GREY = "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#7f7f7f"
+LIGHT_RED, LIGHT_GREY = "#f4a582", "#c7c7c7"
+
+# ---------------------------------------------------------------- what the plots show
 
 
-class Canvas:
-    """An RGB image in memory with the few drawing primitives a plot needs."""
-
-    def __init__(self, width: int, height: int, background: Color = WHITE) -> None:
-        self.width, self.height = width, height
-        self.pixels = bytearray(bytes(background) * (width * height))
-
-    def set(self, x: int, y: int, color: Color) -> None:
-        if 0 <= x < self.width and 0 <= y < self.height:
-            i = (y * self.width + x) * 3
-            self.pixels[i:i + 3] = bytes(color)
-
-    def rect(self, x0: int, y0: int, x1: int, y1: int, color: Color) -> None:
-        """Filled rectangle, corners included."""
-        x0, x1 = sorted((max(0, x0), min(self.width - 1, x1)))
-        y0, y1 = sorted((max(0, y0), min(self.height - 1, y1)))
-        row = bytes(color) * (x1 - x0 + 1)
-        for y in range(y0, y1 + 1):
-            i = (y * self.width + x0) * 3
-            self.pixels[i:i + len(row)] = row
-
-    def dot(self, x: int, y: int, radius: int, color: Color) -> None:
-        for dy in range(-radius, radius + 1):
-            for dx in range(-radius, radius + 1):
-                if dx * dx + dy * dy <= radius * radius + radius:
-                    self.set(x + dx, y + dy, color)
-
-    def line(self, x0: int, y0: int, x1: int, y1: int, color: Color, width: int = 1,
-             dash: tuple[int, int] | None = None) -> None:
-        """Bresenham line; `width` > 1 stamps a dot, `dash` = (on, off) pixels."""
-        dx, dy = abs(x1 - x0), -abs(y1 - y0)
-        sx, sy = (1 if x0 < x1 else -1), (1 if y0 < y1 else -1)
-        err, n = dx + dy, 0
-        while True:
-            if dash is None or n % (dash[0] + dash[1]) < dash[0]:
-                if width <= 1:
-                    self.set(x0, y0, color)
-                else:
-                    self.dot(x0, y0, width // 2, color)
-            if x0 == x1 and y0 == y1:
-                return
-            e2 = 2 * err
-            if e2 >= dy:
-                err += dy
-                x0 += sx
-            if e2 <= dx:
-                err += dx
-                y0 += sy
-            n += 1
-
-    def cross(self, x: int, y: int, size: int, color: Color, width: int = 2) -> None:
-        self.line(x - size, y - size, x + size, y + size, color, width)
-        self.line(x - size, y + size, x + size, y - size, color, width)
-
-    def text(self, x: int, y: int, text: str, color: Color = BLACK, scale: int = 2, anchor: str = "left") -> None:
-        """`text` with its top at `y`; anchor left, center or right of `x`."""
-        w = text_width(text, scale)
-        if anchor == "center":
-            x -= w // 2
-        elif anchor == "right":
-            x -= w
-        for ch in text:
-            ch = ch if ch in _GLYPHS else ch.lower()
-            glyph = _GLYPHS.get(ch) or _GLYPHS["?"]
-            drop = _DESCENDERS.get(ch, 0)
-            for gy, row in enumerate(glyph, drop):
-                for gx, bit in enumerate(row):
-                    if bit == "#":
-                        self.rect(x + gx * scale, y + gy * scale, x + gx * scale + scale - 1,
-                                  y + gy * scale + scale - 1, color)
-            x += (GLYPH_W + 1) * scale
-
-    def text_vertical(self, x: int, y: int, text: str, color: Color = BLACK, scale: int = 2) -> None:
-        """`text` rotated 90 degrees counter-clockwise, centred vertically on `y`, left edge at `x`."""
-        h = text_width(text, scale)
-        y += h // 2
-        for ch in text:
-            ch = ch if ch in _GLYPHS else ch.lower()
-            glyph = _GLYPHS.get(ch) or _GLYPHS["?"]
-            for gy, row in enumerate(glyph, _DESCENDERS.get(ch, 0)):
-                for gx, bit in enumerate(row):
-                    if bit == "#":
-                        px, py = x + gy * scale, y - gx * scale
-                        self.rect(px, py - scale + 1, px + scale - 1, py, color)
-            y -= (GLYPH_W + 1) * scale
-
-    def png(self) -> bytes:
-        return encode_png(self.width, self.height, bytes(self.pixels))
-
-
-def text_width(text: str, scale: int = 2) -> int:
-    return max(0, len(text) * (GLYPH_W + 1) * scale - scale)
-
-
-def encode_png(width: int, height: int, rgb: bytes) -> bytes:
-    """8-bit RGB PNG: signature, IHDR, one zlib-compressed IDAT (filter 0 per row), IEND."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    stride = width * 3
-    raw = b"".join(b"\x00" + rgb[y * stride:(y + 1) * stride] for y in range(height))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9))
-            + chunk(b"IEND", b""))
-
-
-# ---------------------------------------------------------------- the score curve
+def _num(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 @dataclass
@@ -199,121 +46,340 @@ class CurvePoints:
     """What the score curve shows; steps are 0 (initial) .. last."""
 
     current: list[tuple[int, float]] = field(default_factory=list)  # val score of the current prompts by step
-    accepted: list[tuple[int, float]] = field(default_factory=list)  # accepted steps
-    rejected: list[tuple[int, float]] = field(default_factory=list)  # rejected proposals that were validated
+    best_so_far: list[tuple[int, float]] = field(default_factory=list)  # best val after each step
+    accepted: list[tuple[int, float]] = field(default_factory=list)  # accepted proposals with a val score
+    rejected: list[tuple[int, float]] = field(default_factory=list)  # rejected proposals with a val score
     best: float | None = None
+    best_step: int | None = None
+    initial_test: float | None = None
+    best_test: float | None = None
     last_step: int = 0
     title: str = "validation score by step"
 
 
 def curve_from_metrics(initial_val: float | None, rows: list[dict], best_val: float | None = None,
-                       steps: int | None = None) -> CurvePoints:
-    """CurvePoints from summary.json's initial val and metrics.jsonl rows."""
-
-    def num(v):
-        return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-
-    pts = CurvePoints()
-    current = num(initial_val)
+                       steps: int | None = None, *, best_step: int | None = None,
+                       initial_test: float | None = None, best_test: float | None = None) -> CurvePoints:
+    """CurvePoints from summary.json's numbers and metrics.jsonl rows."""
+    pts = CurvePoints(initial_test=_num(initial_test), best_test=_num(best_test),
+                      best_step=best_step if isinstance(best_step, int) and not isinstance(best_step, bool) else None)
+    current = best = _num(initial_val)
     if current is not None:
-        pts.current.append((0, float(current)))
+        pts.current.append((0, current))
+        pts.best_so_far.append((0, current))
     last = 0
-    for record in map(StepRecord.from_row, rows):
+    for record in sorted(map(StepRecord.from_row, rows), key=lambda r: r.step):
         step = record.step
         last = max(last, step)
         for proposal in record.proposals:
             val = proposal.val_score
+            if val is None:
+                continue
             if proposal.accepted:
-                if val is not None:
-                    current = val
-                    pts.accepted.append((step, float(val)))
-            elif val is not None:
-                pts.rejected.append((step, float(val)))
+                current = val
+                pts.accepted.append((step, val))
+            else:
+                pts.rejected.append((step, val))
+        if record.best_val is not None:
+            best = record.best_val
+        elif current is not None and (best is None or current > best):
+            best = current
         if current is not None:
-            pts.current.append((step, float(current)))
-    candidates = [v for _, v in pts.current] + [v for _, v in pts.accepted]
-    pts.best = num(best_val) if num(best_val) is not None else (max(candidates) if candidates else None)
-    pts.last_step = max(last, steps or 0)
+            pts.current.append((step, current))
+        if best is not None:
+            pts.best_so_far.append((step, best))
+    seen = [v for _, v in pts.best_so_far] + [v for _, v in pts.current]
+    pts.best = _num(best_val) if _num(best_val) is not None else (max(seen) if seen else None)
+    pts.last_step = max(last, steps if isinstance(steps, int) and not isinstance(steps, bool) else 0)
     return pts
 
 
-def _nice_step(span: int, max_ticks: int = 10) -> int:
-    for base in (1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, 2000, 5000):
-        if span / base <= max_ticks:
-            return base
-    return int(10 ** math.ceil(math.log10(max(span, 1))))
+# What became of a proposal, in the order the bars stack.
+ACCEPTED, REJECTED_SUBSET, REJECTED_VALIDATION, REFUSED = "accepted", "rejected_subset", "rejected_validation", "refused"
+CATEGORIES = (ACCEPTED, REJECTED_SUBSET, REJECTED_VALIDATION, REFUSED)
+CATEGORY_LABELS = {ACCEPTED: "accepted", REJECTED_SUBSET: "rejected at subset",
+                   REJECTED_VALIDATION: "rejected at validation", REFUSED: "refused / no candidate"}
+CATEGORY_COLORS = {ACCEPTED: GREEN, REJECTED_SUBSET: ORANGE, REJECTED_VALIDATION: RED, REFUSED: LIGHT_GREY}
 
 
-def score_curve_png(points: CurvePoints, width: int = 640, height: int = 400) -> bytes:
-    c = Canvas(width, height)
-    left, right, top, bottom = 78, width - 24, 44, height - 86
-    x_max = max(points.last_step, 1)
+def classify_proposal(proposal: ProposalRecord, step_subset_score: float | None = None) -> str:
+    """Which of CATEGORIES a proposal of a step falls in (the step's own subset score is the bar).
 
-    def px(step: float) -> int:
-        return round(left + (right - left) * step / x_max)
+    The rule, in this order (it follows what the trainer and the acceptance policies write):
+    1. `accepted` is true: accepted (two-stage and racing winners, take_all/textgrad, a pareto child,
+       a joint lineage's commit);
+    2. no `params`, or `extra["refused"]`: refused / no candidate. The optimizer produced nothing
+       (`ProposalRecord.nothing`) or refused its own values (e.g. a copy of an example); nothing
+       was scored;
+    3. a `val_score`: rejected at validation (scored on the whole split and lost to the best);
+    4. rejected at subset when its reason is TwoStage.screen's ("subset score ... does not beat ...";
+       also when call errors left the subset score None), or when its subset score does not beat
+       the step's subset score by the trainer's rule (`beats_subset`: strictly, or both 1.0);
+    5. anything else reached validation without a final score: rejected at validation. That is a
+       racing drop ("dropped from the race after k/n ..."), a validation stopped early, validation
+       call errors, a race lost to another contender, and a grid combination (no subset stage).
+    """
+    if proposal.accepted:
+        return ACCEPTED
+    if not proposal.params or proposal.extra.get("refused") is True:
+        return REFUSED
+    if proposal.val_score is not None:
+        return REJECTED_VALIDATION
+    if proposal.reason.startswith("subset score"):
+        return REJECTED_SUBSET
+    sub, bar = proposal.subset_score, step_subset_score
+    if sub is not None and bar is not None and not (sub > bar or (bar == 1.0 and sub == 1.0)):
+        return REJECTED_SUBSET
+    return REJECTED_VALIDATION
 
-    def py(score: float) -> int:
-        return round(bottom - (bottom - top) * min(max(score, 0.0), 1.0))
 
-    c.text(width // 2, 12, points.title, BLACK, 2, "center")
-    # grid and y ticks: 0.0 .. 1.0
-    for k in range(0, 11, 2):
-        y = py(k / 10)
-        if k:
-            c.line(left + 1, y, right, y, GRID)
-        c.line(left - 5, y, left, y, BLACK)
-        c.text(left - 10, y - 7, f"{k / 10:.1f}", BLACK, 2, "right")
-    # x ticks
-    tick = _nice_step(x_max)
-    for s in range(0, x_max + 1, tick):
-        x = px(s)
-        if s:
-            c.line(x, top, x, bottom - 1, GRID)
-        c.line(x, bottom, x, bottom + 5, BLACK)
-        c.text(x, bottom + 10, str(s), BLACK, 2, "center")
-    # axes
-    c.line(left, top, left, bottom, BLACK, 2)
-    c.line(left, bottom, right, bottom, BLACK, 2)
-    c.text((left + right) // 2, bottom + 30, "step", BLACK, 2, "center")
-    c.text_vertical(12, (top + bottom) // 2, "val score", BLACK, 2)
+@dataclass
+class ProposalCounts:
+    """Proposals per step and category; steps 1 .. last_step (a step without a row counts nothing)."""
 
-    if points.best is not None:
-        y = py(points.best)
-        c.line(left + 2, y, right, y, ORANGE, 2, dash=(8, 6))
-        c.text(left + 14, y - 22 if y - 22 > top else y + 9, f"best {points.best:.3f}", ORANGE, 2)
-    # the current score: a step line (a score holds until a step changes it)
-    pts = points.current
-    for (s0, v0), (s1, v1) in zip(pts, pts[1:]):
-        c.line(px(s0), py(v0), px(s1), py(v0), BLUE, 3)
-        if v1 != v0:
-            c.line(px(s1), py(v0), px(s1), py(v1), BLUE, 3)
-    for s, v in points.rejected:
-        c.cross(px(s), py(v), 5, RED, 2)
-    if pts:
-        s, v = pts[0]
-        c.dot(px(s), py(v), 6, BLUE)
-    for s, v in points.accepted:
-        c.dot(px(s), py(v), 7, BLACK)
-        c.dot(px(s), py(v), 5, GREEN)
-    if not pts and not points.accepted:
-        c.text((left + right) // 2, (top + bottom) // 2 - 7, "no validation score yet", GREY, 2, "center")
+    last_step: int = 0
+    counts: dict[int, dict[str, int]] = field(default_factory=dict)  # step -> category -> n
+    skipped: list[int] = field(default_factory=list)  # steps that proposed nothing
 
-    # legend, one row under the x-axis title
-    y = height - 22
-    x = 30
-    c.line(x, y + 7, x + 24, y + 7, BLUE, 3)
-    c.text(x + 30, y, "val", BLACK, 2)
-    x += 30 + text_width("val") + 22
-    c.dot(x + 6, y + 7, 6, BLUE)
-    c.text(x + 18, y, "initial", BLACK, 2)
-    x += 18 + text_width("initial") + 22
-    c.dot(x + 7, y + 7, 7, BLACK)
-    c.dot(x + 7, y + 7, 5, GREEN)
-    c.text(x + 20, y, "accepted", BLACK, 2)
-    x += 20 + text_width("accepted") + 22
-    c.cross(x + 6, y + 7, 5, RED, 2)
-    c.text(x + 18, y, "rejected", BLACK, 2)
-    x += 18 + text_width("rejected") + 22
-    c.line(x, y + 7, x + 24, y + 7, ORANGE, 2, dash=(8, 6))
-    c.text(x + 30, y, "best", BLACK, 2)
-    return c.png()
+    def total(self, category: str | None = None) -> int:
+        return sum(n for c in self.counts.values() for k, n in c.items() if category in (None, k))
+
+
+def proposal_counts(rows: list[dict], steps: int | None = None) -> ProposalCounts:
+    out = ProposalCounts()
+    for record in map(StepRecord.from_row, rows):
+        out.last_step = max(out.last_step, record.step)
+        per = out.counts.setdefault(record.step, dict.fromkeys(CATEGORIES, 0))
+        for proposal in record.proposals:
+            per[classify_proposal(proposal, record.subset_score)] += 1
+        if not record.proposals:
+            out.skipped.append(record.step)
+    if isinstance(steps, int) and not isinstance(steps, bool):
+        out.last_step = max(out.last_step, steps)
+    out.skipped.sort()
+    return out
+
+
+@dataclass
+class RoleUsage:
+    role: str
+    calls: int = 0
+    cached_calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float | None = None
+
+
+def usage_rows(usage: Any) -> list[RoleUsage]:
+    """summary.json's `usage` ({role: {calls, cached_calls, prompt_tokens, ...}}), the known roles first."""
+    usage = usage if isinstance(usage, Mapping) else {}
+    roles = [r for r in ROLES if r in usage] + sorted(str(r) for r in usage if r not in ROLES)
+    out = []
+    for role in roles:
+        u = usage.get(role)
+        u = u if isinstance(u, Mapping) else {}
+        out.append(RoleUsage(role, *(int(_num(u.get(k)) or 0) for k in
+                                     ("calls", "cached_calls", "prompt_tokens", "completion_tokens")),
+                             cost_usd=_num(u.get("cost_usd"))))
+    return out
+
+
+# ---------------------------------------------------------------- drawing
+
+
+class _Drawing:
+    """A Figure on an Agg canvas under matplotlib's default style; `png()` saves it deterministically."""
+
+    def __init__(self, size: tuple[float, float], ncols: int = 1) -> None:
+        self.size, self.ncols = size, ncols
+
+    def __enter__(self) -> Self:
+        import matplotlib.style
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        self._style = matplotlib.style.context("default")  # rcParams are restored on exit
+        self._style.__enter__()
+        try:
+            self.figure = Figure(figsize=self.size, dpi=DPI, layout="constrained")
+            FigureCanvasAgg(self.figure)
+            self.axes = [self.figure.add_subplot(1, self.ncols, i + 1) for i in range(self.ncols)]
+        except BaseException:
+            self._style.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._style.__exit__(*exc)
+
+    def png(self) -> bytes:
+        buf = io.BytesIO()
+        # no "Software" chunk (it names the version); PNG has no date unless asked for one
+        self.figure.canvas.print_png(buf, metadata={"Software": None})
+        return buf.getvalue()
+
+
+def _note(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color=GREY, fontsize=12)
+
+
+def _integer_steps(ax, first: float, last_step: int) -> float:
+    """Integer step ticks from `first`; returns the right end of the x-axis."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    right = max(last_step, 1) + 0.5
+    ax.set_xlim(first, right)
+    return right
+
+
+def score_png(points: CurvePoints) -> bytes:
+    with _Drawing(SCORE_SIZE) as d:
+        ax = d.axes[0]
+        ax.set_title(points.title)
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation score")
+        ax.grid(True, color="#e6e6e6")
+        ax.set_axisbelow(True)
+        values = ([v for _, v in points.current + points.best_so_far + points.accepted + points.rejected]
+                  + [v for v in (points.best, points.initial_test, points.best_test) if v is not None])
+        low, high = min([0.0, *values]), max([1.0, *values])
+        pad = (high - low) * 0.04
+        ax.set_ylim(low - pad, high + pad)
+        right = _integer_steps(ax, -0.5, points.last_step)
+
+        def extended(series: list[tuple[int, float]]) -> tuple[list[float], list[float]]:
+            # a score holds until a step changes it: drawn as steps, to the right end of the axis
+            xs, ys = [float(s) for s, _ in series], [v for _, v in series]
+            return xs + [right], ys + [ys[-1]]
+
+        if points.current:
+            ax.step(*extended(points.current), where="post", color=BLUE, linewidth=2, label="current prompts")
+            ax.plot(*points.current[0], "o", color=BLUE, markersize=7, label="initial")
+        if points.best_so_far:  # over the current line: where they agree, its dashes show on it
+            ax.step(*extended(points.best_so_far), where="post", color=ORANGE, linestyle="--", linewidth=1.5,
+                    label="best so far" + (f" ({points.best:.3f})" if points.best is not None else ""))
+        if points.accepted:
+            ax.plot([s for s, _ in points.accepted], [v for _, v in points.accepted], "o", color=GREEN,
+                    markeredgecolor="black", markersize=7, label="accepted", linestyle="none")
+        if points.rejected:
+            ax.plot([s for s, _ in points.rejected], [v for _, v in points.rejected], "x", color=RED,
+                    markersize=7, markeredgewidth=2, label="rejected at validation", linestyle="none")
+        if points.initial_test is not None:
+            ax.plot([0], [points.initial_test], "s", color=PURPLE, markerfacecolor="white", markeredgewidth=2,
+                    markersize=8, label=f"test, initial ({points.initial_test:.3f})", linestyle="none")
+        if points.best_test is not None:
+            at = points.best_step if points.best_step is not None else points.last_step
+            ax.plot([at], [points.best_test], "s", color=PURPLE, markersize=8,
+                    label=f"test, best prompts ({points.best_test:.3f})", linestyle="none")
+        if not (points.current or points.accepted or points.rejected):
+            _note(ax, "no validation score yet")
+        else:
+            ax.legend(loc="best", fontsize="small", framealpha=0.9)
+        return d.png()
+
+
+def proposals_png(counts: ProposalCounts, title: str = "proposals by step") -> bytes:
+    with _Drawing(BAR_SIZE) as d:
+        ax = d.axes[0]
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel("proposals")
+        ax.grid(True, axis="y", color="#e6e6e6")
+        ax.set_axisbelow(True)
+        from matplotlib.ticker import MaxNLocator
+
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        _integer_steps(ax, 0.4, counts.last_step)
+        steps = sorted(counts.counts)
+        total = counts.total()
+        handles = []
+        if total:
+            bottom = [0] * len(steps)
+            width = 0.8 if len(steps) < 200 else 1.0
+            for category in CATEGORIES:
+                heights = [counts.counts[s][category] for s in steps]
+                handles.append(ax.bar(steps, heights, width, bottom=bottom, color=CATEGORY_COLORS[category],
+                                      label=f"{CATEGORY_LABELS[category]} ({sum(heights)})", linewidth=0))
+                bottom = [b + h for b, h in zip(bottom, heights)]
+            ax.set_ylim(0, max(bottom) * 1.3 + 0.5)
+        else:
+            ax.set_ylim(0, 1)
+        if counts.skipped:
+            top = ax.get_ylim()[1]
+            handles += ax.plot(counts.skipped, [top * 0.02] * len(counts.skipped), "^", color=GREY, markersize=5,
+                               linestyle="none", label=f"skipped step ({len(counts.skipped)})")
+        if not counts.counts and counts.last_step == 0:
+            ax.set_xticks([])
+            _note(ax, "no steps yet")
+        elif not total:
+            n = len(counts.counts)
+            _note(ax, f"no proposals: {'the step was' if n == 1 else f'all {n} steps were'} skipped"
+                  if counts.skipped and len(counts.skipped) == n else "no proposals")
+        if handles:
+            ax.legend(handles=handles, loc="upper left", fontsize="small", ncols=3 if total else 1, framealpha=0.9)
+        return d.png()
+
+
+def _thousands(ax) -> None:
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+
+
+def usage_png(rows: list[RoleUsage], title: str = "usage per role") -> bytes:
+    with _Drawing(BAR_SIZE, ncols=2) as d:
+        calls_ax, tokens_ax = d.axes
+        d.figure.suptitle(title)
+        calls_ax.set_title("calls", fontsize="medium")
+        tokens_ax.set_title("tokens", fontsize="medium")
+        for ax in d.axes:
+            ax.grid(True, axis="y", color="#e6e6e6")
+            ax.set_axisbelow(True)
+            _thousands(ax)
+        if not rows or not any(r.calls or r.cached_calls or r.prompt_tokens or r.completion_tokens for r in rows):
+            for ax in d.axes:
+                ax.set_xticks([])
+                ax.set_ylim(0, 1)
+            _note(calls_ax, "no usage recorded yet")
+            return d.png()
+        xs = list(range(len(rows)))
+        labels = [r.role + (f"\n${r.cost_usd:.4f}" if r.cost_usd else "") for r in rows]
+        _stacked(calls_ax, xs, [("to the provider", BLUE, [r.calls for r in rows]),
+                                ("from the cache", LIGHT_GREY, [r.cached_calls for r in rows])])
+        _stacked(tokens_ax, xs, [("prompt", PURPLE, [r.prompt_tokens for r in rows]),
+                                 ("completion", LIGHT_RED, [r.completion_tokens for r in rows])])
+        for ax in d.axes:
+            ax.set_xticks(xs, labels)
+        return d.png()
+
+
+def _stacked(ax, xs: list[int], series: Iterable[tuple[str, str, list[int]]]) -> None:
+    bottom = [0] * len(xs)
+    for label, color, heights in series:
+        ax.bar(xs, heights, 0.6, bottom=bottom, color=color, label=label, linewidth=0)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    ax.set_ylim(0, max(max(bottom) * 1.2, 1))
+    ax.legend(loc="upper right", fontsize="small", framealpha=0.9)
+
+
+# ---------------------------------------------------------------- a run's plots
+
+
+def run_plots(summary: Mapping[str, Any], metrics: list[dict], name: str) -> dict[str, bytes]:
+    """{file name: PNG bytes} for every plot of a run, from summary.json and metrics.jsonl."""
+
+    def part(key: str) -> Mapping[str, Any]:
+        value = summary.get(key)
+        return value if isinstance(value, Mapping) else {}
+
+    initial, best = part("initial"), part("best")
+    steps = summary.get("steps") if isinstance(summary.get("steps"), int) else None
+    points = curve_from_metrics(initial.get("val"), metrics, best.get("val"), steps, best_step=best.get("step"),
+                                initial_test=initial.get("test"), best_test=best.get("test"))
+    prefix = f"{name}: " if name and len(name) <= 40 else ""
+    points.title = f"{prefix}validation score by step"
+    return {SCORE_PLOT: score_png(points),
+            PROPOSALS_PLOT: proposals_png(proposal_counts(metrics, steps), f"{prefix}proposals by step"),
+            USAGE_PLOT: usage_png(usage_rows(summary.get("usage")), f"{prefix}usage per role")}

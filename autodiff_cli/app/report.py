@@ -1,12 +1,14 @@
-"""The run report: `report.md` and `score.png` in a run directory (`autodiff report RUN_DIR`).
+"""The run report: `report.md` and its plots (`score.png`, `proposals.png`, `usage.png`, see
+app/plot.py) in a run directory (`autodiff report RUN_DIR`).
 
 `write_report(run_dir)` reads only the run directory (summary.json, metrics.jsonl, resolved.yaml,
 prompts.yaml; data files for the split sizes when they are still where the run found them) and
-(re)writes both files atomically. It can run at any time, also on a run in progress.
+(re)writes the files atomically. It can run at any time, also on a run in progress. Plots that
+cannot be drawn (matplotlib missing or failing) never stop the report: it says so instead.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +23,19 @@ from autodiff_cli.app.browse import (
     run_date,
     total_cost,
 )
-from autodiff_cli.app.plot import curve_from_metrics, score_curve_png
+from autodiff_cli.app.plot import (
+    PLOTS,
+    PROPOSALS_PLOT,
+    SCORE_PLOT,
+    USAGE_PLOT,
+    run_plots,
+)
 from autodiff_cli.io.records import StepRecord
 from autodiff_cli.io.rundir import RunDir
 from autodiff_cli.llm.usage import ROLES
 
 REPORT = "report.md"
-PLOT = "score.png"
+PLOT = SCORE_PLOT  # the score curve's file name (users and older reports refer to it)
 
 
 def _s(value: Any) -> str:
@@ -142,12 +150,27 @@ def _configuration(run: RunDir, summary: dict, resolved: dict) -> list[str]:
     return lines
 
 
-def _curve(summary: dict, metrics: list[dict]) -> list[str]:
+def _image(plots: Collection[str], name: str, alt: str) -> list[str]:
+    """The Markdown that embeds plot `name`, or a line saying it was not drawn."""
+    if name in plots:
+        return [f"![{alt}]({name})", ""]
+    return [f"*({name} not drawn: matplotlib is not installed or failed; `autodiff report` says why.)*", ""]
+
+
+def _curve(summary: dict, metrics: list[dict], plots: Collection[str] = PLOTS) -> list[str]:
     initial, best, proposals = _dict(summary.get("initial")), _dict(summary.get("best")), _dict(summary.get("proposals"))
-    lines = ["## Score curve", "", f"![Validation score by step]({PLOT})", ""]
-    lines.append("Validation score of the current prompts by step (step 0 is the initial prompts); green dots are "
-                 "accepted steps, red crosses rejected proposals that reached validation, the dashed line the best score.")
-    lines.append("")
+    lines = ["## Score curve", "", *_image(plots, SCORE_PLOT, "Validation score by step")]
+    if SCORE_PLOT in plots:
+        lines.append("Validation score of the current prompts by step (step 0 is the initial prompts) and the best "
+                     "so far (dashed); green dots are accepted proposals, red crosses rejected proposals that were "
+                     "scored on validation, purple squares the test scores of the initial and the best prompts.")
+        lines.append("")
+    lines += _image(plots, PROPOSALS_PLOT, "Proposals by step")
+    if PROPOSALS_PLOT in plots:
+        lines.append("Proposals of each step by what became of them: accepted, rejected at the subset (first stage), "
+                     "rejected at validation (scored and lost, stopped early, dropped from a race), or refused / no "
+                     "candidate (the optimizer proposed nothing usable); triangles mark skipped steps.")
+        lines.append("")
     best_step = best.get("step")
     lines.append(f"- validation: initial {_s(initial.get('val'))}, best {_s(best.get('val'))}"
                  + (f" at step {best_step}" if best_step is not None else ""))
@@ -206,12 +229,13 @@ def _params(run: RunDir) -> list[str]:
     return lines[:-1] if lines[-1] == "" else lines
 
 
-def _usage(summary: dict) -> list[str]:
+def _usage(summary: dict, plots: Collection[str] = PLOTS) -> list[str]:
     usage = _dict(summary.get("usage"))
     models = _dict(summary.get("models"))
     lines = ["## Usage and cost", ""]
     if not usage:
         return lines + ["No usage recorded yet."]
+    lines += _image(plots, USAGE_PLOT, "Calls and tokens per role")
     keys = ("calls", "cached_calls", "errors", "unsent", "prompt_tokens", "completion_tokens")
     rows, totals = [], dict.fromkeys(keys, 0)
     for role, u in usage.items():
@@ -247,7 +271,8 @@ def _tests(summary: dict) -> list[str]:
 # ---------------------------------------------------------------- entry points
 
 
-def render_report(run: RunDir) -> str:
+def render_report(run: RunDir, plots: Collection[str] = PLOTS) -> str:
+    """report.md's text; it embeds the plots named in `plots` (those written next to it)."""
     summary = run.read_summary()
     metrics = run.read_metrics()
     resolved = run.read_resolved()
@@ -260,39 +285,51 @@ def render_report(run: RunDir) -> str:
                     + f"; cost {fmt_cost(total_cost(summary.get('usage')))}.")
     else:
         head.append("The run has not written summary.json yet.")
-    sections = [head, _configuration(run, summary, resolved), _curve(summary, metrics), _steps(metrics),
-                _params(run), _usage(summary), _tests(summary)]
+    sections = [head, _configuration(run, summary, resolved), _curve(summary, metrics, plots), _steps(metrics),
+                _params(run), _usage(summary, plots), _tests(summary)]
     return "\n\n".join("\n".join(s) for s in sections) + "\n"
 
 
-def render_plot(run: RunDir) -> bytes:
+def render_plots(run: RunDir) -> dict[str, bytes]:
+    """{file name: PNG bytes} of the run's plots (score.png, proposals.png, usage.png)."""
     summary = run.read_summary()
-    points = curve_from_metrics(_dict(summary.get("initial")).get("val"), run.read_metrics(),
-                                _dict(summary.get("best")).get("val"),
-                                summary.get("steps") if isinstance(summary.get("steps"), int) else None)
-    name = summary.get("name") or run.name
-    points.title = f"{name}: validation score by step"
-    if len(points.title) > 48:
-        points.title = "validation score by step"
-    return score_curve_png(points)
+    return run_plots(summary, run.read_metrics(), str(summary.get("name") or run.name))
+
+
+def _drawn_plots(run: RunDir) -> dict[str, bytes]:
+    """The plots, or none when they cannot be drawn: a plot never fails the report (nor, through it,
+    the run that writes it at its end)."""
+    from autodiff_cli.app.console import log
+
+    try:
+        return render_plots(run)
+    except Exception as e:  # noqa: BLE001 - matplotlib missing or failing: the report goes on without plots
+        log(f"warning: plots not drawn: {type(e).__name__}: {' '.join(str(e).split())}")
+        return {}
 
 
 def write_report(run_dir: str | Path) -> Path:
-    """(Re)write `report.md` and `score.png` in `run_dir`; returns the report's path.
+    """(Re)write `report.md` and its plots in `run_dir`; returns the report's path.
 
     Raises UsageError when `run_dir` is not a run directory and DataError when one of its files is
     unreadable.
     """
-    run = RunDir.open(Path(run_dir))
-    png = render_plot(run)
-    text = render_report(run)
-    run._write(PLOT, png)
-    return run._write(REPORT, text)
+    return _write_all(Path(run_dir))[0]
+
+
+def _write_all(run_dir: Path) -> tuple[Path, list[Path]]:
+    """(the report's path, the plots' paths)."""
+    run = RunDir.open(run_dir)
+    plots = _drawn_plots(run)
+    text = render_report(run, plots)
+    written = [run._write(name, png) for name, png in plots.items()]
+    return run._write(REPORT, text), written
 
 
 def report_command(run_dir: Path) -> None:
     from autodiff_cli.app.console import log
 
-    path = write_report(resolve_run_dir(run_dir))
-    log(f"wrote {path.parent / PLOT}")
+    path, plots = _write_all(resolve_run_dir(run_dir))
+    for plot in plots:
+        log(f"wrote {plot}")
     print(path)

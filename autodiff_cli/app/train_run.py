@@ -59,7 +59,7 @@ def summary_of(rd, spec, trainer, state, status: str, reason: str | None, tests:
 
 
 def train_command(config: Path, *, runs_dir: Path, resume: Path | None, dry_run: bool, concurrency: int | None,
-                  json_out: bool, no_cache: bool, overrides: list[str]) -> None:
+                  json_out: bool, no_cache: bool, overrides: list[str], mlflow: str | None = None) -> None:
     from autodiff_cli.app.commands import (
         check_models,
         load_pipeline,
@@ -91,6 +91,10 @@ def train_command(config: Path, *, runs_dir: Path, resume: Path | None, dry_run:
 
         print_projection(p.program, splits, trainer, json_out)
         return
+    if mlflow:  # before the run directory: without the extra, a usage error (exit 2)
+        from autodiff_cli.app.tracking import require_mlflow
+
+        mlflow_client = require_mlflow()
 
     resolved = spec.model_dump(mode="json", by_alias=True)
     if resume is not None:
@@ -119,6 +123,16 @@ def train_command(config: Path, *, runs_dir: Path, resume: Path | None, dry_run:
         rd.acquire()
         state = TrainState(values=initial_values(spec), initial_values=initial_values(spec))
         log(f"run directory {rd.path}")
+    tracker = None
+    if mlflow:
+        from autodiff_cli.app.tracking import start_tracking
+
+        tracker = start_tracking(mlflow, mlflow_client, rd, spec, resolved, state, config)
+    elif resume is not None:
+        from autodiff_cli.app.tracking import untracked_resume_note
+
+        if note := untracked_resume_note(rd):
+            log(note)
     client.usage.journal_to(rd.usage_journal)
     trainer.backward_engine.client = client
     client.before_call = BudgetGate(spec.train.budget, client.usage)
@@ -147,6 +161,11 @@ def train_command(config: Path, *, runs_dir: Path, resume: Path | None, dry_run:
         rd.write_prompts(st.best_values or st.values)
         rd.write_checkpoint({"schema_version": SCHEMA_VERSION, "state": st.to_dict()})
         rd.write_summary(summary_of(rd, spec, trainer, st, "running", None, {}, config))
+        if tracker is not None:  # after the checkpoint: MLflow never has a step that a resume would redo
+            if record is None:
+                tracker.initial(st.initial_val)
+            else:
+                tracker.step(record)
 
     trainer.on_phase, trainer.on_step = on_phase, on_step
     rd.write_summary(summary_of(rd, spec, trainer, state, "running", None, {}, config))
@@ -182,12 +201,16 @@ def train_command(config: Path, *, runs_dir: Path, resume: Path | None, dry_run:
         summary = summary_of(rd, spec, trainer, state, status, reason, tests, config)
         rd.write_summary(summary)
         _write_report(rd)
+        if tracker is not None:
+            tracker.finish(summary, state.best_values or state.values)
         log(f"{status}: {reason}; best val {_f(state.best_val)} at step {state.best_step} (initial {_f(state.initial_val)})"
             + (f"; test {_f(tests.get('initial'))} -> {_f(tests.get('best'))}" if tests.get("best") is not None else ""))
         if json_out:
             print(json.dumps(summary, ensure_ascii=False))
         print(rd.path)
         sys.stdout.flush()
+    if tracker is not None:
+        tracker.close()
     client.usage.close_journal()
     rd.release()
     if crash is not None:
@@ -213,7 +236,7 @@ def _spent_wall(summary: dict, state) -> float:
 
 
 def _write_report(rd) -> None:
-    """report.md + score.png; a report that cannot be written never fails the run."""
+    """report.md and its plots; a report that cannot be written never fails the run."""
     from autodiff_cli.app.report import write_report
     from autodiff_cli.errors import AutodiffError, describe_exception
 

@@ -1,7 +1,7 @@
 """Score a program on a list of examples, concurrently.
 
-Examples whose model calls failed after retries are counted as errors and left out of the
-score; they are never scored as wrong answers.
+Examples whose model calls failed after retries, or whose user code (a function node, the metric, the
+loss) raised, are counted as errors and left out of the score; they are never scored as wrong answers.
 """
 from __future__ import annotations
 
@@ -12,7 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autodiff_cli.data.loaders import Example
-from autodiff_cli.engine.forward import ForwardEngine, metric_inputs, score
+from autodiff_cli.engine.forward import (
+    ExampleError,
+    ForwardEngine,
+    metric_inputs,
+    score,
+)
 from autodiff_cli.engine.program import Program
 from autodiff_cli.engine.trace import Trace
 from autodiff_cli.llm.priority import call_priority
@@ -24,8 +29,9 @@ class ExampleResult:
     prediction: Any
     target: Any
     score: float | None
-    error: str | None
+    error: str | None  # a failed model call, or user code that raised: the example is not scored
     trace: Trace
+    loss: float | None = None  # the training score (program.loss), when `evaluate(losses=True)`
 
     def row(self) -> dict[str, Any]:
         return {"id": self.id, "prediction": self.prediction, "target": self.target,
@@ -65,11 +71,13 @@ ProgressFn = Callable[[int, int, int, float | None], None]  # done, total, error
 
 async def evaluate(program: Program, examples: list[Example], values: dict[str, str], client: Any,
                    *, progress: ProgressFn | None = None, max_in_flight: int | None = None,
-                   stop_unless_above: float | None = None) -> EvalReport:
+                   stop_unless_above: float | None = None, losses: bool = False) -> EvalReport:
     """Run every example; results come back in the order of `examples`.
 
     With `stop_unless_above`, evaluation stops (cancelling outstanding calls) as soon as the
     score can no longer end strictly above that value, counting unfinished examples as 1.
+    With `losses`, each scored example also gets its loss (`ExampleResult.loss`); a loss that
+    raises makes the example an error, as a metric that raises does.
     """
     engine = ForwardEngine(program, client)
     # the client's --concurrency replaces every config's own limit, so it sizes the gate too
@@ -87,6 +95,8 @@ async def evaluate(program: Program, examples: list[Example], values: dict[str, 
         async with gate:
             trace = await engine.run(example.id, example.fields, values)
         result = _result(program, example, trace)
+        if losses:
+            _add_loss(program, result)
         done += 1
         errors += result.error is not None
         total_score += result.score or 0.0
@@ -138,9 +148,29 @@ async def evaluate(program: Program, examples: list[Example], values: dict[str, 
 
 
 def _result(program: Program, example: Example, trace: Trace) -> ExampleResult:
-    if trace.error is not None:
-        return ExampleResult(example.id, None, _target(program, trace, example), None, trace.error, trace)
-    return ExampleResult(example.id, trace.output, _target(program, trace, example), score(program.metric, trace), None, trace)
+    if trace.error is None:
+        try:
+            value = score(program.metric, trace)
+        except ExampleError as e:  # the metric raised: an error of this example (its prediction is kept)
+            trace.error = e.message
+            return ExampleResult(example.id, trace.output, _target(program, trace, example), None, e.message, trace)
+        return ExampleResult(example.id, trace.output, _target(program, trace, example), value, None, trace)
+    return ExampleResult(example.id, None, _target(program, trace, example), None, trace.error, trace)
+
+
+def _add_loss(program: Program, result: ExampleResult) -> None:
+    """The example's loss (the metric's score when the spec has no `loss`); a loss that raises makes the
+    example an error, unscored."""
+    if result.error is not None:
+        return
+    if program.loss is program.metric:
+        result.loss = result.score
+        return
+    try:
+        result.loss = score(program.loss, result.trace)
+    except ExampleError as e:
+        result.trace.error = result.error = e.message
+        result.score = None
 
 
 def _target(program: Program, trace: Trace, example: Example) -> Any:

@@ -24,19 +24,31 @@ from autodiff_cli.errors import (
     describe_exception,
 )
 
-__all__ = ["ExampleError", "ExampleRun", "ForwardEngine", "PipelineError", "RunContext", "Slot", "metric_inputs", "resolve",
-           "score", "state_slot"]
+__all__ = ["ExampleError", "ExampleRun", "ForwardEngine", "MetricValueError", "PipelineError", "RunContext", "Slot",
+           "UserCodeError", "metric_inputs", "resolve", "score", "state_slot"]
 
 log = logging.getLogger("autodiff.engine")
-
-
-class PipelineError(AutodiffError):
-    """A function node, template or loop condition failed on an example: a bug in the pipeline."""
 
 
 class ExampleError(AutodiffError):
     """One example cannot go on (a `when` condition that fails on its values): the example is counted in
     `errors` like a failed model call, and the run goes on."""
+
+
+class PipelineError(AutodiffError):
+    """A template failed on an example (a sandbox refusal, a value it cannot render): a bug in the
+    pipeline, which stops the run."""
+
+
+class UserCodeError(PipelineError, ExampleError):
+    """User code (a function node's function, the metric, the loss) raised on one example: an error of
+    that example (its message names the node or `metric`/`loss`, the `module:function`, the exception and
+    the example), counted in `errors` like a failed model call, never a crash of the run."""
+
+
+class MetricValueError(AutodiffError):
+    """The metric or loss returned something that is not a score in [0, 1]: a bug in the metric, located
+    at its `fn`, which stops the run."""
 
 
 def _example_slot(fields: dict[str, Any]) -> Slot:
@@ -103,6 +115,13 @@ class RunContext:
         """Runs a nested scope (a loop body, one iteration) in `env`; its calls join the trace."""
         await self.engine.run_scope(scope, env, self.run, iteration)
 
+    def fail(self, call: Call, message: str) -> UserCodeError:
+        """The error that ends the example when the node's own code failed: `call` joins the trace with
+        `message` as its error (as a failed model call does); raise what this returns."""
+        call.error = message
+        self.run.trace.calls.append(call)
+        return UserCodeError(message)
+
 
 class ForwardEngine:
     def __init__(self, program: Program, client: Any, *, models: dict[str, str] | None = None,
@@ -116,8 +135,8 @@ class ForwardEngine:
         self.salt = salt
 
     async def run(self, example_id: str, fields: dict[str, Any], values: dict[str, str]) -> Trace:
-        """Run one example with the given parameter values; model errors and failed conditions end up in
-        trace.error."""
+        """Run one example with the given parameter values; model errors, failed conditions and user code
+        that raised (UserCodeError) end up in trace.error."""
         run = ExampleRun(example_id)
         env: dict[str, Slot] = {"input": _example_slot(fields)}
         env.update({name: Slot(values[name], []) for name in self.program.params})
@@ -204,17 +223,20 @@ def metric_inputs(metric: Metric, trace: Trace) -> dict[str, Slot]:
 
 
 def score(metric: Metric, trace: Trace) -> float:
-    """The metric of a completed trace, checked to be a number in [0, 1] (the one place it is checked)."""
+    """The metric (or loss) of a completed trace, checked to be a number in [0, 1] (the one place it is
+    checked). A metric that raises is an error of the example: UserCodeError, whose message names `metric`
+    or `loss`, the function, the exception and the example (its location is the spec's `fn` line). A value
+    outside [0, 1] is a bug of the metric: MetricValueError, located at its `fn`."""
     kwargs = {arg: slot.value for arg, slot in metric_inputs(metric, trace).items()}
     where = {"file": metric.file, "line": metric.line, "key": ".".join(map(str, metric.key + ("fn",)))}
     try:
         value = metric.fn(**kwargs)
-    except Exception as e:
-        raise PipelineError(f"{metric.fn_ref} raised {describe_exception(e)} (example {trace.example_id})",
-                            **where) from e
+    except (Exception, SystemExit) as e:  # user code: whatever it raises, sys.exit() too
+        raise UserCodeError(f"{'.'.join(map(str, metric.key))}: {metric.fn_ref} raised {describe_exception(e)} "
+                            f"(example {trace.example_id})", file=metric.file, line=metric.line) from e
     if isinstance(value, bool):
         value = float(value)
     if not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:  # NaN fails the comparison too
-        raise PipelineError(f"{metric.fn_ref} returned {describe(value)} for example {trace.example_id}, "
-                            "a score outside [0, 1] (a metric returns a number from 0 to 1)", **where)
+        raise MetricValueError(f"{metric.fn_ref} returned {describe(value)} for example {trace.example_id}, "
+                               "a score outside [0, 1] (a metric returns a number from 0 to 1)", **where)
     return float(value)

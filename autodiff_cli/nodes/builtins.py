@@ -7,11 +7,16 @@ prediction rather than a crashed example.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.machinery
+import importlib.util
 import json
 import os
 import re
+import sys
 import threading
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +34,7 @@ __all__ = [
     "bm25_cache_info",
     "dedup_extend",
     "first_of",
+    "import_user_module",
     "join",
     "json_field",
     "label",
@@ -36,6 +42,8 @@ __all__ = [
     "react_act",
     "react_answer",
     "resolve_function",
+    "split_ref",
+    "user_code_origin",
 ]
 
 
@@ -539,15 +547,17 @@ _BUILTIN_MODULES = ("autodiff_cli.nodes.builtins", "autodiff_cli.builtins")
 
 
 def _expected() -> str:
-    return f"an importable `module:function` or a builtin ({', '.join(BUILTINS)})"
+    return (f"an importable `module:function`, a `file.py:function` next to the spec, or a builtin "
+            f"({', '.join(BUILTINS)})")
 
 
-def resolve_function(ref: str) -> tuple[Callable[..., Any], frozenset[str]]:
+def resolve_function(ref: str, base_dir: str | Path | None = None) -> tuple[Callable[..., Any], frozenset[str]]:
     """The function `ref` names and the `with` keys it takes as file paths.
 
-    `ref` is a builtin name ("bm25"), "autodiff_cli.nodes.builtins:bm25", or "package.module:function"
-    (the attribute may be dotted, e.g. "pkg.mod:Class.method"). Raises SpecError without a
-    location; the caller adds file, line and key.
+    `ref` is a builtin name ("bm25"), "autodiff_cli.nodes.builtins:bm25", "package.module:function" or
+    "path/to/file.py:function" (the attribute may be dotted, e.g. "pkg.mod:Class.method"). User code is
+    found as `import_user_module` says, relative to `base_dir` (the spec's folder). Raises SpecError
+    without a location; the caller adds file, line and key.
     """
     if not isinstance(ref, str) or not ref.strip():
         raise SpecError("cannot resolve function", expected=_expected(),
@@ -557,10 +567,10 @@ def resolve_function(ref: str) -> tuple[Callable[..., Any], frozenset[str]]:
         if ref in BUILTINS:
             builtin = BUILTINS[ref]
             return builtin.fn, builtin.path_args
-        hint = "write a Python function as `package.module:function`" if "." in ref else None
+        hint = "write a Python function as `package.module:function` or `file.py:function`" if "." in ref else None
         raise SpecError("unknown function", expected=_expected(), got=f"'{ref}'", hint=hint)
 
-    module_name, _, attr_path = ref.partition(":")
+    module_name, attr_path = split_ref(ref)
     if not module_name or not attr_path:
         raise SpecError("cannot resolve function", expected=_expected(), got=f"'{ref}'")
     if module_name in _BUILTIN_MODULES:
@@ -571,13 +581,22 @@ def resolve_function(ref: str) -> tuple[Callable[..., Any], frozenset[str]]:
         return builtin.fn, builtin.path_args
 
     try:
-        target: Any = importlib.import_module(module_name)
-    except Exception as exc:  # the module's own import code may raise anything
+        target: Any = import_user_module(module_name, base_dir)
+    except UserFileNotFound as exc:
+        raise SpecError("cannot import function", expected=_EXPECTED_FILE, got=f"'{ref}' ({exc})") from None
+    except (Exception, SystemExit) as exc:  # the module's own import code may raise anything, exit too
+        hint = None if is_file_ref(module_name) else (
+            "hint: a module is looked for in the spec's folder first (mylib/funcs.py for `mylib.funcs:fn`), "
+            "then on sys.path (PYTHONPATH, installed packages)")
         raise SpecError("cannot import function", expected=_expected(),
-                        got=f"'{ref}' ({type(exc).__name__}: {exc})") from None
+                        got=f"'{ref}' ({type(exc).__name__}: {exc})", hint=hint) from None
+    owner = user_module_label(module_name, base_dir)
     for part in attr_path.split("."):
         try:
             target = getattr(target, part)
+        except AttributeError:
+            raise SpecError("cannot import function", expected=_expected(),
+                            got=f"'{ref}' (AttributeError: {owner} has no attribute {part!r})") from None
         except Exception as exc:
             raise SpecError("cannot import function", expected=_expected(),
                             got=f"'{ref}' ({type(exc).__name__}: {exc})") from None
@@ -588,3 +607,126 @@ def resolve_function(ref: str) -> tuple[Callable[..., Any], frozenset[str]]:
         if builtin.fn is target:
             return target, builtin.path_args
     return target, frozenset()
+
+
+# --- user code: `module:function` and `file.py:function` next to the spec ---------------------
+#
+# Function nodes, metrics and losses name user code the same way, resolved against the spec's folder:
+#   `helpers.py:pick`, `lib/helpers.py:pick`   a file, relative to the spec's folder (or absolute); loaded
+#                                              under a private module name derived from its resolved path,
+#                                              so two specs' `helpers.py` are two modules
+#   `mylib.funcs:pick`                         the spec's folder first (`mylib/funcs.py` or
+#                                              `mylib/funcs/__init__.py` there, loaded under a private
+#                                              package for that folder), else an ordinary import from
+#                                              sys.path
+# A module of the spec's folder wins over an installed one of the same name for the spec's `fn:` only:
+# it is loaded under its private name, so `import mylib` anywhere else still gets the installed package.
+# While user code is being loaded, the spec's folder is first on sys.path (its own imports of modules
+# next to it work, as for a script); it is taken off again afterwards.
+
+USER_MODULE_PREFIX = "autodiff_user_"
+_EXPECTED_FILE = "an existing Python file, relative to the spec's folder (`helpers.py:function`)"
+_USER_LOCK = threading.RLock()
+
+
+class UserFileNotFound(FileNotFoundError):
+    """`file.py:function` names a file that does not exist."""
+
+
+def split_ref(ref: str) -> tuple[str, str]:
+    """(module or file, attribute path) of `module:function`; the last colon splits, so a Windows path's
+    drive letter stays in the file part."""
+    module_name, _, attr_path = ref.strip().rpartition(":")
+    return module_name.strip(), attr_path.strip()
+
+
+def is_file_ref(module_name: str) -> bool:
+    """Whether the module part of `module:function` is a file path (`helpers.py`, `lib/helpers.py`)."""
+    return module_name.endswith(".py") or "/" in module_name or "\\" in module_name
+
+
+def _base(base_dir: str | Path | None) -> Path | None:
+    return None if base_dir is None else Path(base_dir).expanduser().resolve()
+
+
+def user_code_origin(module_name: str, base_dir: str | Path | None) -> Path | None:
+    """The file of the spec's folder that the module part of `module:function` names (a file path, or a
+    dotted module found under `base_dir`); None when it is imported from sys.path."""
+    base = _base(base_dir)
+    if is_file_ref(module_name):
+        path = Path(module_name).expanduser()
+        return (path if base is None else base / path).resolve()
+    parts = module_name.split(".")
+    if base is None or not all(p.isidentifier() for p in parts):
+        return None
+    for candidate in (base.joinpath(*parts).with_suffix(".py"), base.joinpath(*parts, "__init__.py")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def user_module_label(module_name: str, base_dir: str | Path | None) -> str:
+    """How an error names the module: its file when it comes from the spec's folder."""
+    origin = user_code_origin(module_name, base_dir)
+    return f"module {module_name!r}" if origin is None else str(origin)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha1(str(path).encode("utf-8", "surrogateescape")).hexdigest()[:12]
+
+
+class _FolderOnPath:
+    """The spec's folder first on sys.path while user code loads; removed (once) afterwards."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = str(folder)
+
+    def __enter__(self) -> None:
+        sys.path.insert(0, self.folder)
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            sys.path.remove(self.folder)
+        except ValueError:  # the user code took it off itself
+            pass
+
+
+def import_user_module(module_name: str, base_dir: str | Path | None = None) -> Any:
+    """The module the module part of `module:function` names (see the comment above): a file relative
+    to `base_dir`, a dotted module under `base_dir`, else an ordinary import. A file that does not exist
+    raises UserFileNotFound; anything the module raises while it loads propagates."""
+    origin = user_code_origin(module_name, base_dir)
+    if origin is None:
+        return importlib.import_module(module_name)
+    base = _base(base_dir) or origin.parent
+    with _USER_LOCK:
+        if is_file_ref(module_name):
+            if not origin.is_file():
+                raise UserFileNotFound(f"no file {origin}")
+            stem = re.sub(r"\W", "_", origin.stem)
+            name = f"{USER_MODULE_PREFIX}{stem}_{_digest(origin)}"
+            if name in sys.modules:
+                return sys.modules[name]
+            spec = importlib.util.spec_from_file_location(name, origin)
+            if spec is None or spec.loader is None:
+                raise ImportError(f"{origin} cannot be loaded as a Python module")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module  # as an import does: the module may look itself up (dataclasses do)
+            try:
+                with _FolderOnPath(base):
+                    spec.loader.exec_module(module)
+            except BaseException:
+                sys.modules.pop(name, None)
+                raise
+            return module
+        # a dotted module under the spec's folder: a submodule of a private package whose path is that folder
+        root = f"{USER_MODULE_PREFIX}dir_{_digest(base)}"
+        if root not in sys.modules:
+            package = types.ModuleType(root, f"user code of {base}")
+            package.__path__ = [str(base)]
+            package.__spec__ = importlib.machinery.ModuleSpec(root, None, is_package=True)
+            package.__spec__.submodule_search_locations = [str(base)]
+            sys.modules[root] = package
+        importlib.invalidate_caches()  # files written since the folder was last looked at
+        with _FolderOnPath(base):
+            return importlib.import_module(f"{root}.{module_name}")

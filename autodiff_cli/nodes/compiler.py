@@ -14,6 +14,7 @@ order, usage) is here and reaches them through a CompileContext.
 """
 from __future__ import annotations
 
+import difflib
 import inspect
 import os
 import sys
@@ -42,6 +43,7 @@ from autodiff_cli.spec.templates import Template, TemplateError, compile_templat
 if TYPE_CHECKING:
     from autodiff_cli.nodes.base import NodeKind
 
+MODEL_ROLES = ("backward", "optimizer")  # model configs used by their name (train/trainer.py)
 RESERVED = frozenset({"input", "state", "iteration", "loss", "output", "metric"})
 
 # Standard-library modules whose functions, handed model output or data as arguments, act on the machine:
@@ -70,10 +72,16 @@ RISKY_STDLIB = {
 _STDLIB_DIRS = tuple(os.path.realpath(sysconfig.get_paths()[k]) for k in ("stdlib", "platstdlib"))
 
 
-def risky_stdlib_module(ref: str, fn: Callable | None) -> str | None:
+def risky_stdlib_module(ref: str, fn: Callable | None, base_dir: Path | None = None) -> str | None:
     """The risky standard-library module (RISKY_STDLIB) that `ref` (`module:function`) names, or that the
-    function it resolved to comes from (`shlex:os.system` is os.system); None for anything else."""
-    named = ref.partition(":")[0].strip() if ":" in ref else ""
+    function it resolved to comes from (`shlex:os.system` is os.system); None for anything else. A module
+    part that resolved to user code in the spec's folder `base_dir` (a local os.py) names no stdlib module:
+    only the function's own module counts then."""
+    from autodiff_cli.nodes.builtins import split_ref, user_code_origin
+
+    named = split_ref(ref)[0] if ":" in ref else ""
+    if named and user_code_origin(named, base_dir) is not None:
+        named = ""
     target = inspect.unwrap(fn) if callable(fn) else None
     owner = getattr(target, "__module__", None) or ""
     for module in (named, owner):
@@ -164,13 +172,13 @@ class Compiler:
         self._check_params()
         self._check_demos(scope)
         self._check_skip()
-        self._check_models()
+        self._check_models(scope)
         self._build_graph(scope, output, metric)
         return Program(self.loaded, scope, output, metric, loss, dict(self.spec.params), self.graph, self.input_fields,
                        self.warnings)
 
     def warn_if_risky(self, ref: str, fn: Callable, key: KeyPath) -> None:
-        module = risky_stdlib_module(ref, fn)
+        module = risky_stdlib_module(ref, fn, self.loaded.config_dir)
         if module is not None:
             where = self.err(key).location()
             self.warnings.append(f"warning: {where}: {ref} is from the standard library module `{module}`, "
@@ -344,9 +352,10 @@ class Compiler:
         from autodiff_cli.nodes.metrics import resolve_metric
 
         try:
-            fn = resolve_metric(spec.fn)
+            fn = resolve_metric(spec.fn, self.loaded.config_dir)  # user code relative to the spec's folder
         except SpecError as e:
-            raise self.err(key + ("fn",), expected=e.expected or "a metric name or `module:function`", got=e.got or e.message) from None
+            raise self.err(key + ("fn",), expected=e.expected or "a metric name, `module:function` or `file.py:function`",
+                           got=e.got or e.message, hint=e.hint) from None
         self.warn_if_risky(spec.fn, fn, key + ("fn",))
         args = {a: self.ref(t, key + ("args", a), visible) for a, t in spec.args.items()}
         self.check_signature(fn, set(args), key)
@@ -421,10 +430,21 @@ class Compiler:
                 raise self.err(("skip", i, "to"), expected="a prompt param (demos get no textual feedback)",
                                got=f"the demos param `{skip.to}`")
 
-    def _check_models(self) -> None:
+    def _check_models(self, scope: Scope) -> None:
         teacher = self.spec.train.teacher
         if teacher is not None and teacher not in self.spec.models:
             raise self.err(("train", "teacher"), expected="a key of `models`", got=repr(teacher))
+        # a config nothing uses is most often a misspelt role (`optimiser:` silently leaves the optimizer
+        # role to the task model): say so, without failing (a spare config is harmless)
+        used = {m for node in scope_nodes(scope) for m in node.models()} | set(MODEL_ROLES) | {teacher}
+        for name in self.spec.models:
+            if name not in used:
+                close = difflib.get_close_matches(name, sorted(MODEL_ROLES), n=1)
+                hint = f" (did you mean `{close[0]}`?)" if close else ""
+                self.warnings.append(
+                    f"warning: {self.err(('models', name)).location()}: used by no node and no "
+                    f"role{hint}; the roles are {', '.join(f'`{r}`' for r in MODEL_ROLES)}, a node names its model "
+                    "with `model:`, the teacher with `train.teacher`")
 
     # ---------------------------------------------------------------- drawing graph
 
@@ -516,14 +536,16 @@ class CompileContext:
         self.compiler.input_fields.update(fields)
 
     def function(self, ref: str, key: KeyPath) -> tuple[Callable, frozenset[str]]:
-        """The function `ref` names (a builtin or `module:function`) and its path arguments; warns when it
-        comes from a risky standard-library module."""
+        """The function `ref` names (a builtin, `module:function` or `file.py:function`, user code found
+        relative to the spec's folder) and its path arguments; warns when it comes from a risky
+        standard-library module."""
         from autodiff_cli.nodes.builtins import resolve_function
 
         try:
-            fn, path_args = resolve_function(ref)
+            fn, path_args = resolve_function(ref, self.config_dir)
         except SpecError as e:
-            raise self.err(key, expected=e.expected or "an importable `module:function`", got=e.got or e.message) from None
+            raise self.err(key, expected=e.expected or "an importable `module:function`", got=e.got or e.message,
+                           hint=e.hint) from None
         self.compiler.warn_if_risky(ref, fn, key)
         return fn, path_args
 

@@ -1,8 +1,10 @@
-"""`kind: function`: a Python function (a builtin or `module:function`) called with what the node reads.
+"""`kind: function`: a Python function (a builtin, `module:function` or `file.py:function`, user code found
+relative to the spec's folder: builtins.import_user_module) called with what the node reads.
 
 Compile: `args` are references (its reads), `with` constants (file paths resolved for builtins
 that take them); the function must import and accept exactly these arguments.
-Forward: `fn(**with, **args)`, awaited if it is a coroutine function; no model call.
+Forward: `fn(**with, **args)`, awaited if it is a coroutine function; no model call. A function that
+raises is an error of that example (UserCodeError; its call joins the trace with the error).
 Backward: `backward: pass` hands the feedback unchanged to every traced input (no call);
 `backward: route` has the backward engine split it among them (one call, when there are several).
 """
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field
 
-from autodiff_cli.engine.forward import PipelineError, RunContext
+from autodiff_cli.engine.forward import RunContext
 from autodiff_cli.engine.program import Ref, unique_refs
 from autodiff_cli.engine.trace import Call, InputValue, Slot, resolve
 from autodiff_cli.errors import describe_exception
@@ -39,7 +41,7 @@ class FunctionNodeSpec(Strict):
     """`kind: function` as written in a spec."""
 
     kind: Literal["function"]
-    fn: str = Field(description="a builtin name or `module:function`")
+    fn: str = Field(description="a builtin name, `module:function` or `file.py:function` (relative to the spec's folder)")
     args: dict[str, str] = Field(default_factory=dict, description="argument -> reference (node, input.field, state.field)")
     with_: dict[str, Any] = Field(default_factory=dict, alias="with", description="constant keyword arguments")
     backward: Literal["pass", "route"] = "pass"
@@ -97,10 +99,11 @@ class FunctionKind(NodeKind):
             output = self.fn(**kwargs)
             if inspect.isawaitable(output):
                 output = await output
-        except Exception as e:
-            raise PipelineError(
-                f"nodes.{self.name}: {self.fn_ref} raised {describe_exception(e)} (example {ctx.example_id})"
-            ) from e
+        except (Exception, SystemExit) as e:  # user code: whatever it raises, sys.exit() too
+            # an error of this example (counted in `errors`, like a failed model call), never of the run
+            call.latency_s = time.perf_counter() - start
+            raise ctx.fail(call, f"nodes.{self.name}: {self.fn_ref} raised {describe_exception(e)} "
+                                 f"(example {ctx.example_id})") from e
         call.latency_s = time.perf_counter() - start
         call.output = output
         return Slot(output, [call.id]), [call]

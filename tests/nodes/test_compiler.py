@@ -316,3 +316,16 @@ def test_quickstart_compiles():
     assert list(p.scope.nodes) == ["count", "parse"]
     assert set(p.node("count").params) == {"instruction", "answer_format"}
     assert p.input_fields == {"question", "answer"}
+
+
+def test_a_model_config_nothing_uses_is_a_located_warning(project, capsys):
+    """A misspelt role (`optimiser:`) would silently leave the optimizer role to the task model."""
+    text = CHAIN.replace("  task: {model: fake/script.yaml}\n",
+                         "  task: {model: fake/script.yaml}\n  optimiser: {model: fake/script.yaml}\n"
+                         "  backward: {model: fake/script.yaml}\n")
+    program = compile_text(project, text)
+    [warning] = program.warnings
+    assert warning.startswith(f"warning: {project / 'spec.yaml'}:3: models.optimiser: used by no node and no role "
+                              "(did you mean `optimizer`?)")
+    assert "optimiser" in capsys.readouterr().err  # compile_spec prints it
+    assert compile_text(project, CHAIN).warnings == []  # every config used (by a node, or a role by its name)

@@ -180,18 +180,21 @@ def test_a_metric_returning_a_value_out_of_range_says_so_plainly(tmp_path, monke
                         "score outside [0, 1] (a metric returns a number from 0 to 1)\n")
 
 
-def test_a_metric_that_raises_is_reported_once_with_its_exception(tmp_path, monkeypatch):
-    r, spec = eval_with_metric(tmp_path, monkeypatch, "'user_metrics_mod:boom'")
-    assert r.exit_code == 2, r.output
-    assert r.stderr == f"error: {spec}:9: metric.fn: user_metrics_mod:boom raised ValueError: bad input (example q1)\n"
+def test_a_metric_that_raises_is_an_error_of_the_example_reported_once_with_its_exception(tmp_path, monkeypatch):
+    # an error of that example, counted like a failed model call (here 1 of 1: above max_error_rate, exit 3)
+    r, _ = eval_with_metric(tmp_path, monkeypatch, "'user_metrics_mod:boom'")
+    assert r.exit_code == 3, r.output
+    assert json.loads(r.stdout)["errors"] == 1
+    assert r.stderr.count("error:") == 1, r.stderr
+    assert "first: metric: user_metrics_mod:boom raised ValueError: bad input (example q1)\n" in r.stderr, r.stderr
 
 
 def test_an_autodiff_error_raised_by_a_metric_keeps_a_single_error_prefix(tmp_path, monkeypatch):
-    r, spec = eval_with_metric(tmp_path, monkeypatch, "'user_metrics_mod:reads_a_file'")
-    assert r.exit_code == 2, r.output
+    r, _ = eval_with_metric(tmp_path, monkeypatch, "'user_metrics_mod:reads_a_file'")
+    assert r.exit_code == 3, r.output
     assert r.stderr.count("error:") == 1, r.stderr
-    assert r.stderr.startswith(f"error: {spec}:9: metric.fn: user_metrics_mod:reads_a_file raised DataError: "
-                               "gold.jsonl:3: answer: expected a string, got a list (example q1)"), r.stderr
+    assert ("first: metric: user_metrics_mod:reads_a_file raised DataError: gold.jsonl:3: answer: expected a "
+            "string, got a list (example q1)") in r.stderr, r.stderr
 
 
 def test_a_metric_with_its_own_argument_names_is_called_with_them(tmp_path, monkeypatch):
