@@ -23,7 +23,8 @@ from autodiff_cli.errors import DataError, describe
 TMP_SUFFIX = ".tmp"
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (what atomic writes and the model download both need)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # pragma: no cover - platforms without directory fds
@@ -61,7 +62,7 @@ def atomic_write_bytes(path: Path | str, data: bytes, *, mode: int = 0o666) -> P
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return path
 
 

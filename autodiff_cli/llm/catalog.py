@@ -24,6 +24,7 @@ from typing import IO
 from urllib.parse import urlsplit
 
 from autodiff_cli.errors import ModelNotFound, UsageError, redact_url
+from autodiff_cli.io.files import fsync_dir
 
 MODELS_URL_ENV = "AUTODIFF_MODELS_URL"
 PART_SUFFIX = ".part"
@@ -180,7 +181,7 @@ def pull(entry: CatalogModel, dest_dir: Path, *, sha256: str, from_dir: Path | N
         # The same guarantee by hand: the data is fsynced, os.replace is atomic within the folder, and
         # the folder is fsynced so the rename survives a crash.
         os.replace(part, final)
-    _fsync_dir(dest_dir)
+    fsync_dir(dest_dir)
     return final
 
 
@@ -321,16 +322,3 @@ def _version() -> str:
         return version("autodiff-cli")
     except PackageNotFoundError:
         return "unknown"
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
