@@ -25,6 +25,7 @@ from autodiff_cli.optim.joint import (
 )
 from autodiff_cli.optim.policies import MODES, Minibatch, Racing, TwoStage
 from tests.conftest import write
+from tests.optim.test_demos import TEACHER  # a teacher that always adds
 from tests.specs import TOY_SCRIPT, TOY_SPEC
 
 T1 = "Count the things. ALWAYS ADD them."
@@ -59,11 +60,6 @@ default: "Answer: 0"
 """
 SCRIPT = SCRIPT_TEMPLATE % {"t1": T1, "t3": T3}
 
-TEACHER = r"""
-rules:
-  - match: 'n=(\d+)'
-    reply: "Sum is {1}. Answer: {1}"
-"""
 
 SPEC = """
 name: joint
